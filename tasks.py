@@ -1,0 +1,660 @@
+"""
+Seeded, verifiable long-context tasks of any length, and their scorers.
+
+Four families, each modelled on a benchmark that RLMs are measured on:
+
+  niah       one or more needles ("The special magic number for amber-falcon-42 is
+             3141592.") hidden in distractor text, optionally with near-identical decoy
+             keys (RULER's needle-in-a-haystack tasks).
+  aggregate  one record per line (date, user id, short text); count the records about a
+             topic, or name the most frequent topic. The topic is never written in the
+             text, it has to be judged from its meaning, so every line must be read
+             (OOLONG). Sub-calls on chunks are the natural strategy.
+  pairs      the same records; list every pair of users that satisfy a condition, scored
+             by F1 over unordered pairs (OOLONG-Pairs, a quadratic variant).
+  multihop   chained facts ("Agent X's handler is Y." ... "Y's safehouse is in Z.")
+             scattered through distractor text, among other chains of the same shape.
+
+A task is a plain record (query, context, answer, how to score it). The same
+(family, length, seed, variant) always gives the same task: every generator draws from
+its own random.Random(seed). Length is in characters: niah and multihop contexts are
+exactly `length` long; aggregate and pairs contexts end at a whole record, so
+length - MAX_RECORD_CHARS <= len(context) <= length (a record is at most 165 characters,
+so within 1% from 16,500 characters on).
+Text is joined from pools drawn once per task, so 10,000,000 characters take well under
+a second.
+
+Variants (keyword arguments of make_task, default in brackets):
+  niah       needles [1] in all; queried [1] of them asked (more than one: answer is a
+             list, scored by F1); decoys [0] look-alike keys per asked key (same words,
+             another suffix, then the words swapped); depth [random] of the first asked
+             needle, from 0 (first line) to 1 (last line)
+  aggregate  question ["count"] or "most_common"; label [random] to count
+  pairs      condition ["both"] or "same_month"; users [4 to 8, fewer when short] who
+             write about the label, so at most users*(users-1)/2 true pairs; label [random]
+  multihop   hops [2] facts to chain, 2 to 5; distractors [length/2000, 2 to 30] other
+             chains of the same shape
+
+Scoring (score(task, prediction) -> [0, 1]) is lenient about form, strict about content:
+  exact   normalised string match (case, whitespace, quotes, surrounding punctuation,
+          "The answer is X", FINAL(X), a one-element list)
+  number  0.75 ** |error| (OOLONG's partial credit for counts); the number is read from
+          text such as "There are 12 records"
+  f1      F1 over the set of items; items of a pair are unordered; lists are read from
+          Python/JSON literals or text such as "a, b" or "(u1, u2), (u3, u4)"
+
+Usage:
+  python tasks.py --family niah --length 100000 --seed 0
+  python tasks.py --family pairs --length 10000000 --seed 3 --variant condition=same_month
+
+  from tasks import make_task, make_suite, score, load_jsonl
+  task = make_task("multihop", 50_000, seed=1, hops=3)
+  score(task, "Lisbon")
+  suite = make_suite(["niah", "aggregate"], [8_000, 64_000], n=4, seed=0)
+  tasks = load_jsonl("oolong.jsonl")   # {"context", "question" or "query", "answer"} per line
+"""
+
+import ast
+import inspect
+import itertools
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FAMILIES = ("niah", "aggregate", "pairs", "multihop")
+SCORINGS = ("exact", "number", "f1")
+
+
+@dataclass
+class Task:
+    family: str
+    query: str
+    context: str | list | dict
+    answer: str | int | float | list
+    scoring: str  # "exact", "number" or "f1"
+    seed: int
+
+    def __post_init__(self):
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+
+
+# ----------------------------------------------------------------------------------
+# Word pools. Filler has no digits, apostrophes, hyphens or fact words, so no filler
+# sentence can be mistaken for a needle or a multihop fact.
+
+_ADJS = ("quiet bright narrow ancient gentle heavy hollow silver patient distant crooked "
+         "sudden careful restless humble wooden frozen tired curious open busy empty "
+         "crowded soft steep pale").split()
+_NOUNS = ("river garden window mountain village lantern harbor orchard meadow bridge "
+          "forest library market kitchen valley tower island road field cottage station "
+          "castle canyon desert lake ship wagon painter farmer sailor teacher merchant "
+          "baker child traveler poet").split()
+_VERBS = ("crossed watched followed carried painted visited remembered passed circled "
+          "guarded described admired reached opened closed left found").split()
+_PREPS = "near beyond under behind across along beside toward above".split()
+_FILLER_TEMPLATES = (
+    "The {a} {n} {v} the {b} {m}.",
+    "One {a} {n} stood {p} the {m} all afternoon.",
+    "Nobody {v} the {n} {p} the {b} {m} that year.",
+    "In the morning the {n} was {a} and the {m} was {b}.",
+    "She {v} the {a} {n} and then walked {p} the {m}.",
+    "They said the {n} {p} the {m} had always been {a}.",
+)
+
+
+def _filler_sentence(rng):
+    return rng.choice(_FILLER_TEMPLATES).format(
+        a=rng.choice(_ADJS), b=rng.choice(_ADJS), n=rng.choice(_NOUNS),
+        m=rng.choice(_NOUNS), v=rng.choice(_VERBS), p=rng.choice(_PREPS))
+
+
+def _filler_lines(rng, n_chars):
+    """Distractor text of exactly n_chars characters, as a list of lines."""
+    pool = [_filler_sentence(rng) for _ in range(2048)]
+    mean_len = sum(map(len, pool)) / len(pool) + 1
+    pieces, total = [], 0
+    while total < n_chars:  # sentences end in a space or (one time in four) a newline
+        k = int((n_chars - total) / mean_len) + 64
+        seps = rng.choices((" ", "\n"), weights=(3, 1), k=k)
+        chunk = "".join([s + sep for s, sep in zip(rng.choices(pool, k=k), seps)])
+        pieces.append(chunk)
+        total += len(chunk)
+    return "".join(pieces)[:n_chars].split("\n")
+
+
+def _scatter(lines, facts, rng, fixed=None):
+    """Insert each fact as its own line at a random line boundary (fixed: {index: 0..1})."""
+    fixed = fixed or {}
+    slots = [(round(fixed[i] * len(lines)) if i in fixed else rng.randrange(len(lines) + 1), i)
+             for i in range(len(facts))]
+    out, prev = [], 0
+    for pos, i in sorted(slots):
+        out.extend(lines[prev:pos])
+        out.append(facts[i])
+        prev = pos
+    out.extend(lines[prev:])
+    return "\n".join(out)
+
+
+def _haystack(rng, length, facts, fixed=None):
+    """Filler plus one line per fact, exactly `length` characters."""
+    budget = length - sum(len(f) + 1 for f in facts)
+    if budget < 200:
+        need = length - budget + 200
+        raise ValueError(f"length={length} is too small for {len(facts)} facts; "
+                         f"use length >= {need} or fewer needles/distractors")
+    return _scatter(_filler_lines(rng, budget), facts, rng, fixed)
+
+
+# ----------------------------------------------------------------------------------
+# niah
+
+# No word here ends with another one, so no key is a substring of a different key.
+_KEY_FIRST = ("amber azure cobalt coral crimson ebony indigo ivory jade lilac maroon olive "
+              "onyx pearl ruby russet sable scarlet teal topaz umber violet").split()
+_KEY_SECOND = ("falcon otter heron badger lynx marten raven weasel bison cobra gecko ibis "
+               "jackal koala lemur newt orca panda quail robin shrew tapir walrus zebra").split()
+
+
+def _needle(key, value):
+    return f"The special magic number for {key} is {value}."
+
+
+def _join_names(names):
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _niah(rng, length, needles=1, queried=1, decoys=0, depth=None):
+    if not 1 <= queried <= needles:
+        raise ValueError(f"niah needs 1 <= queried <= needles, got queried={queried}, needles={needles}")
+    if not 0 <= decoys <= 40:
+        raise ValueError(f"niah decoys must be in [0, 40], got {decoys}")
+    if depth is not None and not 0.0 <= depth <= 1.0:
+        raise ValueError(f"niah depth is a fraction of the context in [0, 1], got {depth}")
+    keys = set()
+    words = rng.sample([(a, b) for a in _KEY_FIRST for b in _KEY_SECOND], needles)
+    targets = []
+    for a, b in words:
+        key = f"{a}-{b}-{rng.randrange(10, 100)}"
+        targets.append(key)
+        keys.add(key)
+    decoy_keys = []
+    for key in targets[:queried]:
+        a, b, num = key.split("-")
+        # Same words with another suffix first, then the words swapped: keys a reader
+        # (or a sloppy regex) could confuse with the real one.
+        candidates = [f"{a}-{b}-{s}" for s in rng.sample(range(10, 100), 90)]
+        candidates += [f"{b}-{a}-{s}" for s in rng.sample(range(10, 100), 90)]
+        picked = [c for c in candidates if c not in keys][:decoys]
+        keys.update(picked)
+        decoy_keys += picked
+    all_keys = targets + decoy_keys
+    values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), len(all_keys))]
+    facts = [_needle(k, v) for k, v in zip(all_keys, values)]
+    context = _haystack(rng, length, facts, None if depth is None else {0: depth})
+    asked = targets[:queried]
+    if queried == 1:
+        query = (f"What is the special magic number for {asked[0]} mentioned in the context? "
+                 "Answer with the 7-digit number only.")
+        return query, context, values[0], "exact"
+    query = (f"What are the special magic numbers for {_join_names(asked)} mentioned in the "
+             "context? Answer with the list of 7-digit numbers.")
+    return query, context, values[:queried], "f1"
+
+
+# ----------------------------------------------------------------------------------
+# aggregate and pairs: records whose topic must be judged from meaning
+
+_TOPIC_SPECS = {
+    "food": (
+        ("Tried {s} today and {r}.", "Had {s} for dinner; {r}.", "Ordered {s} again and {r}."),
+        ("the ramen at the place on the corner", "a spicy tofu curry", "my aunt's lasagna",
+         "a bowl of mushroom risotto", "the tacos from the truck by the station",
+         "warm sourdough with salted butter", "the pork dumplings at the night market",
+         "grilled salmon with lemon rice"),
+        ("the broth was rich and savory", "I went back for a second helping",
+         "the sauce was a little too salty", "it tasted even better than last time",
+         "the dessert afterwards was the highlight")),
+    "travel": (
+        ("Just landed in {s} and {r}.", "Spent the week in {s}; {r}.", "Booked a trip to {s} and {r}."),
+        ("Lisbon", "Kyoto", "the Scottish highlands", "a small island off Greece", "Buenos Aires",
+         "the Norwegian fjords", "Marrakech", "the coast of Vietnam"),
+        ("the flight got delayed for hours", "the hostel has a view of the harbor",
+         "the train ride through the hills was stunning", "I lost my passport for an hour",
+         "the jet lag is brutal")),
+    "sports": (
+        ("Watched {s} last night and {r}.", "Cannot believe {s}; {r}.", "Went to see {s} and {r}."),
+        ("the derby match", "the marathon downtown", "the tennis final",
+         "our local team's playoff game", "the cycling race through the mountains",
+         "the basketball game in overtime", "the swimming relay", "the boxing rematch"),
+        ("the underdog won it on the final play", "the referee made a terrible call",
+         "the crowd was on its feet the whole time", "the coach should be fired after that",
+         "the favourite collapsed in the last minute")),
+    "music": (
+        ("Listened to {s} on repeat and {r}.", "Saw {s} live and {r}.", "Cannot get over {s}; {r}."),
+        ("the new jazz album", "that indie band from Glasgow", "the symphony orchestra",
+         "an old vinyl record of soul classics", "the piano concerto", "the folk trio at the pub",
+         "the new hip hop single", "a string quartet"),
+        ("the guitar solo gave me chills", "the drummer stole the show", "the lyrics hit hard",
+         "the bass line is stuck in my head", "the encore went on for half an hour")),
+    "weather": (
+        ("Woke up to {s} and {r}.", "Another day of {s}; {r}.", "The forecast promised {s} and {r}."),
+        ("heavy rain", "a thick fog over the river", "freezing wind", "a heat wave",
+         "hail the size of marbles", "the first snow of the year", "a thunderstorm",
+         "clear skies after a week of drizzle"),
+        ("my umbrella gave up on the way to the bus", "the streets flooded by noon",
+         "I had to scrape ice off the car", "everyone stayed indoors",
+         "the power went out for an hour")),
+    "money": (
+        ("Checked my bank account after {s} and {r}.", "Finally dealt with {s}; {r}.",
+         "Still thinking about {s}, and {r}."),
+        ("the rent increase", "paying off the credit card", "the tax refund",
+         "the new savings plan", "a surprise bonus at the end of the quarter",
+         "the mortgage payment", "the stock market dip", "splitting the utility bills"),
+        ("the budget for this month is tight", "I moved some cash into an index fund",
+         "the interest rates are eating me alive", "the accountant says I owe less than I feared",
+         "I cancelled two subscriptions to save a little")),
+}
+AGGREGATE_LABELS = tuple(_TOPIC_SPECS)
+# {label: [texts]}: disjoint pools, no text contains a label word. Exposed so that a
+# reference program can recover a record's label by lookup.
+AGGREGATE_TEXTS = {label: [t.format(s=s, r=r) for t, s, r in itertools.product(*spec)]
+                   for label, spec in _TOPIC_SPECS.items()}
+
+_HEADER = "Each line below is one record: a date, a user id and a short text."
+_DATES = [f"2024-{m:02d}-{d:02d}" for m in range(1, 13)
+          for d in range(1, (29 if m == 2 else 30 if m in (4, 6, 9, 11) else 31) + 1)]
+_MONTHS = ("January February March April May June July August September October "
+           "November December").split()
+
+
+def _record(date, user, text):
+    return f"Date: {date} || User: {user} || Text: {text}"
+
+
+MAX_RECORD_CHARS = max(len(_record(_DATES[0], 99999, t)) for ts in AGGREGATE_TEXTS.values() for t in ts)
+
+
+def _topics_clause():
+    return ("Each record's text is about exactly one of these topics: "
+            + ", ".join(AGGREGATE_LABELS) + ". The topic is not named in the text; judge it "
+            "from the meaning.")
+
+
+def _fill_records(rng, budget, users, weights, labels=AGGREGATE_LABELS):
+    """Records (text lines, their labels, their users) filling at most `budget` chars,
+    one newline each."""
+    lines, line_labels, line_users, total = [], [], [], 0
+    cum_weights = list(itertools.accumulate(weights))
+    while True:
+        label = rng.choices(labels, cum_weights=cum_weights)[0]
+        user = rng.choice(users)
+        line = _record(rng.choice(_DATES), user, rng.choice(AGGREGATE_TEXTS[label]))
+        if total + len(line) + 1 > budget:
+            return lines, line_labels, line_users
+        lines.append(line)
+        line_labels.append(label)
+        line_users.append(user)
+        total += len(line) + 1
+
+
+def _check_record_length(length, family):
+    need = len(_HEADER) + 8 * (MAX_RECORD_CHARS + 1)
+    if length < need:
+        raise ValueError(f"length={length} is too small for {family}; use length >= {need}")
+
+
+def _aggregate(rng, length, question="count", label=None):
+    if question not in ("count", "most_common"):
+        raise ValueError(f"aggregate question must be 'count' or 'most_common', got {question!r}")
+    if label is not None and label not in AGGREGATE_LABELS:
+        raise ValueError(f"aggregate label must be one of {AGGREGATE_LABELS}, got {label!r}")
+    _check_record_length(length, "aggregate")
+    budget = length - len(_HEADER)
+    for _ in range(1000):  # redraw until the most common label is unique (small contexts tie)
+        weights = [rng.uniform(0.5, 1.5) for _ in AGGREGATE_LABELS]
+        users = rng.sample(range(10_000, 100_000), max(5, min(5_000, budget // 2_000)))
+        lines, labels, _ = _fill_records(rng, budget, users, weights)
+        counts = {lab: labels.count(lab) for lab in AGGREGATE_LABELS}
+        ranked = sorted(counts.values(), reverse=True)
+        if question == "count" or ranked[0] > ranked[1]:
+            break
+    context = _HEADER + "".join("\n" + line for line in lines)
+    if question == "count":
+        label = label or rng.choice(AGGREGATE_LABELS)
+        query = (f"{_topics_clause()} How many records are about {label}? Answer with a number.")
+        return query, context, counts[label], "number"
+    query = (f"{_topics_clause()} Which topic do the most records have? Answer with the topic only.")
+    return query, context, max(counts, key=counts.get), "exact"
+
+
+def _pairs(rng, length, condition="both", users=None, label=None):
+    if condition not in ("both", "same_month"):
+        raise ValueError(f"pairs condition must be 'both' or 'same_month', got {condition!r}")
+    if label is not None and label not in AGGREGATE_LABELS:
+        raise ValueError(f"pairs label must be one of {AGGREGATE_LABELS}, got {label!r}")
+    _check_record_length(length, "pairs")
+    label = label or rng.choice(AGGREGATE_LABELS)
+    budget = length - len(_HEADER)
+    room = budget // (MAX_RECORD_CHARS + 1)  # records that surely fit
+    k = users if users is not None else min(rng.randint(4, 8), max(2, room // 3))
+    if not 2 <= k <= max(2, room // 2):
+        raise ValueError(f"pairs users={k} must be in [2, {max(2, room // 2)}] at length={length}; "
+                         "use fewer users or a longer context")
+    # Only the k chosen users ever write about `label`, which keeps the true pairs few
+    # (at most k*(k-1)/2) however long the context is.
+    ids = rng.sample(range(10_000, 100_000), k + max(5, min(5_000, budget // 2_000)))
+    chosen, per_user = ids[:k], (1 if room < 12 * k else 3)
+    for _ in range(1000):
+        rare = [(u, rng.choice(_DATES)) for u in chosen for _ in range(rng.randint(1, per_user))]
+        by_month = {}
+        for u, date in rare:
+            by_month.setdefault(date[5:7], set()).add(u)
+        if condition == "both":
+            pairs = set(itertools.combinations(sorted(chosen), 2))
+        else:
+            pairs = {p for us in by_month.values() for p in itertools.combinations(sorted(us), 2)}
+        if pairs:
+            break
+    rare_lines = [_record(date, u, rng.choice(AGGREGATE_TEXTS[label])) for u, date in rare]
+    others = [lab for lab in AGGREGATE_LABELS if lab != label]
+    lines, _, _ = _fill_records(rng, budget - sum(len(r) + 1 for r in rare_lines), ids,
+                                [1.0] * len(others), others)
+    lines += rare_lines
+    rng.shuffle(lines)
+    context = _HEADER + "".join("\n" + line for line in lines)
+    if condition == "both":
+        cond = f"both users have at least one record about {label}"
+    else:
+        cond = (f"both users have a record about {label} in the same month "
+                "(the same calendar month of 2024)")
+    query = (f"{_topics_clause()} List every pair of user ids such that {cond}. "
+             "Give each pair once, as (smaller id, larger id).")
+    return query, context, [list(p) for p in sorted(pairs)], "f1"
+
+
+# ----------------------------------------------------------------------------------
+# multihop
+
+_FIRST = ("Mara Theo Ines Oskar Lena Felix Nadia Hugo Clara Emil Vera Jonas Ada Milo Rosa "
+          "Anton Iris Leon Zora Pavel Greta Tomas Elif Ruben Sana Viktor Noor Lukas Alma "
+          "Dario Freya Kasper Lior Maren Otto Petra Silas Tilda Yuri Wren").split()
+_LAST = ("Quill Vance Morrow Hale Brandt Sorel Kade Lind Novak Pryce Okafor Reyes Thorne "
+         "Varga Wilde Castel Duarte Falk Grau Holm Ives Jarvis Kern Lowe Maddox Nash Orr "
+         "Pike Rook Strand Tamm Ulrich Voss Wray Yates Zeller Abbot Blum Crane Drake").split()
+_CITIES = ("Lisbon Kyoto Oslo Cairo Lima Quito Dakar Hanoi Riga Tunis Porto Bergen Zagreb "
+           "Tbilisi Valletta Bruges Malaga Gdansk Tallinn Split Lyon Turin Seville Krakow "
+           "Ghent Basel Graz Brno Plovdiv Izmir Nantes Bilbao Bologna Aarhus Tromso Odessa "
+           "Salzburg Cork Galway Leipzig Dresden Rotterdam Antwerp Marseille Naples Palermo "
+           "Granada Bordeaux Geneva Lausanne Uppsala Tartu Vilnius Ljubljana Sarajevo Skopje "
+           "Tirana Nicosia Beirut Amman Muscat Doha Baku Yerevan Almaty Tashkent Kathmandu "
+           "Colombo Manila Jakarta Busan Osaka Sapporo Perth Hobart Auckland").split()
+_RELATIONS = ("handler", "contact", "courier", "informant")  # hop i uses _RELATIONS[i]
+
+
+def _multihop(rng, length, hops=2, distractors=None):
+    if not 2 <= hops <= len(_RELATIONS) + 1:
+        raise ValueError(f"multihop hops must be in [2, {len(_RELATIONS) + 1}], got {hops}")
+    n_chains = 1 + (distractors if distractors is not None else max(2, min(30, length // 2_000)))
+    if n_chains * hops > len(_FIRST) * len(_LAST):
+        raise ValueError(f"multihop distractors={distractors} needs more names than there are")
+    people = rng.sample([f"{a} {b}" for a in _FIRST for b in _LAST], n_chains * hops)
+    facts, answer = [], None
+    for c in range(n_chains):
+        chain = people[c * hops:(c + 1) * hops]
+        names = [f"Agent {chain[0]}"] + chain[1:]
+        for i in range(hops - 1):
+            facts.append(f"{names[i]}'s {_RELATIONS[i]} is {names[i + 1]}.")
+        # Everyone in a chain has a safehouse, in distinct cities, so stopping a hop too
+        # early (or going one too far) gives a wrong city, never the right one by luck.
+        cities = rng.sample(_CITIES, hops)
+        facts += [f"{name}'s safehouse is in {city}." for name, city in zip(names, cities)]
+        if c == 0:
+            agent, answer = names[0], cities[-1]
+    path = f"{agent}'s handler"
+    for rel in _RELATIONS[1:hops - 1]:
+        path = f"the {rel} of {path}"
+    query = f"In which city is the safehouse of {path}? Answer with the city only."
+    return query, _haystack(rng, length, facts), answer, "exact"
+
+
+# ----------------------------------------------------------------------------------
+# Making tasks
+
+_GENERATORS = {"niah": _niah, "aggregate": _aggregate, "pairs": _pairs, "multihop": _multihop}
+
+
+def make_task(family, length, seed, **variant):
+    """A task of `family` whose context is `length` characters, fully determined by seed."""
+    if family not in _GENERATORS:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    gen = _GENERATORS[family]
+    allowed = list(inspect.signature(gen).parameters)[2:]
+    unknown = sorted(set(variant) - set(allowed))
+    if unknown:
+        raise TypeError(f"{family} has no variant {unknown}; its variants are {allowed}")
+    if not isinstance(length, int) or length <= 0:
+        raise ValueError(f"length is a positive number of characters, got {length!r}")
+    query, context, answer, scoring = gen(random.Random(seed), length, **variant)
+    return Task(family, query, context, answer, scoring, seed)
+
+
+def make_suite(families, lengths, n, seed, variants=None):
+    """n tasks per (length, family), seeds drawn from `seed`: the same call, the same list.
+    variants: optional {family: {variant: value}} applied to every task of that family."""
+    rng = random.Random(seed)
+    variants = variants or {}
+    return [make_task(f, length, rng.randrange(2**31), **variants.get(f, {}))
+            for length in lengths for f in families for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------
+# Scoring
+
+_ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:|=)\s*", re.I)
+_FINAL_CALL = re.compile(r"final(?:_var)?\s*\((.*)\)", re.I | re.S)
+_STRIP = " \t\r\n\"'`*.,;:!?"
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def _unwrap(text):
+    """Drop the packaging around an answer: 'The answer is X.', 'FINAL(X)', quotes, bold."""
+    s = str(text).strip()
+    marks = list(_ANSWER_MARK.finditer(s))
+    if marks:
+        s = s[marks[-1].end():]
+    s = s.strip().strip(_STRIP)
+    m = _FINAL_CALL.fullmatch(s)
+    return m.group(1).strip().strip(_STRIP) if m else s
+
+
+def normalize(text):
+    """Lower case, single spaces, no surrounding quotes or punctuation."""
+    s = _unwrap(text)
+    while len(s) >= 2 and s[0] + s[-1] in ("()", "[]", "{}"):
+        s = s[1:-1].strip(_STRIP)
+    return " ".join(s.split()).lower()
+
+
+def _literal(text):
+    """A Python or JSON literal if text is one (e.g. the str() of a FINAL value), else None."""
+    for parse in (ast.literal_eval, json.loads):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return None
+
+
+def parse_number(text):
+    """The number a prediction states, or None: the first one after 'answer is'/'answer:',
+    else the only or the last number in the text."""
+    s = str(text)
+    marks = list(_ANSWER_MARK.finditer(s))
+    found = _NUMBER.findall(s[marks[-1].end():]) if marks else []
+    found = found[:1] or _NUMBER.findall(s)[-1:]
+    return float(found[0].replace(",", "")) if found else None
+
+
+def _canon_id(x, numeric):
+    s = normalize(x)
+    if numeric:  # "user 4821", "'4821'" and 4821 are the same id
+        m = re.search(r"\d+", s)
+        return str(int(m.group())) if m else s
+    return s
+
+
+def parse_list(text, pairs=False, numeric_ids=False):
+    """Items of a list written as a literal, "a, b", "a and b", one per line, or for pairs
+    "(u1, u2), (u3, u4)". Pairs come back as frozensets (order inside a pair is free)."""
+    s = _unwrap(text)
+    value = _literal(s)
+    if isinstance(value, (list, tuple, set)):
+        items = list(value)
+        if pairs and len(items) == 2 and not any(isinstance(x, (list, tuple, set)) for x in items):
+            items = [items]  # a single pair written bare: (u1, u2)
+    elif pairs:
+        groups = re.findall(r"[(\[{]([^()\[\]{}]*)[)\]}]", s)
+        if groups:
+            items = [re.split(r"\s*(?:,|&|;|\band\b)\s*", g.strip()) for g in groups]
+        elif numeric_ids:  # "4821 5930\n1234 5678": consecutive ids make a pair
+            ids = re.findall(r"\d+", s)
+            items = [ids[i:i + 2] for i in range(0, len(ids) - 1, 2)]
+        else:
+            items = [re.split(r"\s*(?:,|&|\band\b|-)\s*", line.strip())
+                     for line in re.split(r"[;\n]", s) if line.strip()]
+    else:
+        items = [x for x in re.split(r"\s*(?:[,;\n]|\band\b)\s*", s) if x.strip()]
+    if not pairs:
+        return [normalize(x) for x in items if normalize(x)]
+    out = []
+    for item in items:
+        if isinstance(item, str):  # "4821-5930" inside a literal list
+            item = (re.findall(r"\d+", item) if numeric_ids
+                    else re.split(r"\s*(?:,|&|\band\b|-)\s*", item.strip()))
+        if isinstance(item, (list, tuple, set)) and len(item) == 2:
+            out.append(frozenset(_canon_id(x, numeric_ids) for x in item))
+        else:
+            out.append(("not a pair", str(item)))  # counts against precision
+    return out
+
+
+def f1(predicted, gold):
+    """F1 between two collections treated as sets; two empty sets agree perfectly."""
+    p, g = set(predicted), set(gold)
+    if not p and not g:
+        return 1.0
+    hit = len(p & g)
+    return 0.0 if hit == 0 else 2 * hit / (len(p) + len(g))
+
+
+def score(task, prediction):
+    """Credit in [0, 1] for a prediction (a string, usually the RLM's FINAL value)."""
+    if prediction is None:
+        return 0.0
+    text = str(prediction)
+    if task.scoring == "exact":
+        value = _literal(_unwrap(text))
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            text = str(value[0])
+        return float(normalize(text) == normalize(task.answer))
+    if task.scoring == "number":
+        guess, gold = parse_number(text), float(task.answer)
+        return 0.0 if guess is None else 0.75 ** abs(guess - gold)
+    gold = task.answer if isinstance(task.answer, list) else [task.answer]
+    is_pairs = bool(gold) and all(isinstance(x, (list, tuple)) for x in gold)
+    if is_pairs:
+        numeric = all(re.fullmatch(r"\s*\d+\s*", str(x)) for pair in gold for x in pair)
+        gold_set = [frozenset(_canon_id(x, numeric) for x in pair) for pair in gold]
+        return f1(parse_list(text, pairs=True, numeric_ids=numeric), gold_set)
+    return f1(parse_list(text), [normalize(x) for x in gold])
+
+
+# ----------------------------------------------------------------------------------
+# External files
+
+def _infer_scoring(answer):
+    if isinstance(answer, list):
+        return "f1"
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return "number"
+    return "exact"
+
+
+def load_jsonl(path):
+    """Tasks from a JSONL file, one {"context", "question" or "query", "answer"} object per
+    line (optional "scoring", "family", "seed"). Scoring, when absent: a list is scored by
+    F1, a JSON number by 0.75**|error|, anything else by exact match."""
+    path = Path(path)
+    tasks = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}). Each line must be one "
+                                 'object like {"context": ..., "question": ..., "answer": ...}') from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            query = rec.get("query", rec.get("question"))
+            missing = [k for k, v in (("context", rec.get("context")), ("question or query", query),
+                                      ("answer", rec.get("answer"))) if v is None]
+            if missing:
+                raise ValueError(f"{where}: missing {', '.join(missing)} (keys present: {sorted(rec)})")
+            answer = rec["answer"]
+            if not isinstance(answer, (str, int, float, list)):
+                raise ValueError(f"{where}: answer must be a string, number or list, "
+                                 f"got {type(answer).__name__}")
+            scoring = rec.get("scoring") or _infer_scoring(answer)
+            if scoring not in SCORINGS:
+                raise ValueError(f"{where}: scoring must be one of {SCORINGS}, got {scoring!r}")
+            if scoring == "number" and parse_number(answer) is None:
+                raise ValueError(f"{where}: scoring is 'number' but answer {answer!r} has no number")
+            if scoring == "number" and isinstance(answer, str):
+                answer = parse_number(answer)
+            tasks.append(Task(rec.get("family", path.stem), str(query), rec["context"], answer,
+                              scoring, rec.get("seed", lineno)))
+    return tasks
+
+
+def save_jsonl(tasks, path):
+    """Write tasks in the format load_jsonl reads."""
+    with open(path, "w", encoding="utf-8") as f:
+        for task in tasks:
+            f.write(json.dumps(asdict(task)) + "\n")
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Generate one task and print its summary.")
+    parser.add_argument("--family", choices=FAMILIES, default="niah")
+    parser.add_argument("--length", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="name=value, e.g. needles=4 (repeatable)")
+    parser.add_argument("--show", type=int, default=300, help="characters of context to print")
+    args = parser.parse_args()
+    variant = {}
+    for item in args.variant:
+        name, _, value = item.partition("=")
+        try:
+            variant[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            variant[name] = value
+    t0 = time.perf_counter()
+    task = make_task(args.family, args.length, args.seed, **variant)
+    seconds = time.perf_counter() - t0
+    print(f"query:   {task.query}")
+    print(f"answer:  {task.answer!r}  (scoring: {task.scoring})")
+    print(f"context: {len(task.context):,} chars, {task.context.count(chr(10)) + 1:,} lines, "
+          f"generated in {seconds:.2f} s")
+    print(f"start:   {task.context[:args.show]!r}")
+    print(f"self-check score of the answer: {score(task, json.dumps(task.answer))}")

@@ -1,0 +1,307 @@
+"""Tasks are deterministic, the requested length, solvable by a short program, and scored as documented."""
+
+import itertools
+import json
+import re
+from collections import Counter, defaultdict
+
+import pytest
+
+import tasks
+from tasks import (AGGREGATE_LABELS, AGGREGATE_TEXTS, FAMILIES, MAX_RECORD_CHARS, Task,
+                   load_jsonl, make_suite, make_task, save_jsonl, score)
+
+EXACT_LENGTH = ("niah", "multihop")  # record families stop at a whole record
+
+
+def assert_length(task, length):
+    if task.family in EXACT_LENGTH:
+        assert len(task.context) == length
+    else:
+        assert length - MAX_RECORD_CHARS <= len(task.context) <= length
+
+
+# ---------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_task_other_seed_other_task(family):
+    a, b, c = (make_task(family, 20_000, s) for s in (7, 7, 8))
+    assert a == b
+    assert a.context != c.context
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("length", [2_000, 5_001, 123_457, 1_000_000])
+def test_requested_length(family, length):
+    task = make_task(family, length, seed=length % 97)
+    assert_length(task, length)
+    assert task.family == family and task.scoring in tasks.SCORINGS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ten_million_characters(family):
+    # Seconds are printed by `python tasks.py --length 10000000`; here only the size is checked.
+    assert_length(make_task(family, 10_000_000, seed=0), 10_000_000)
+
+
+def test_records_are_within_one_percent_from_16500_characters():
+    assert MAX_RECORD_CHARS <= 165
+    for family in ("aggregate", "pairs"):
+        for seed in range(5):
+            assert 16_500 - len(make_task(family, 16_500, seed).context) <= 165
+
+
+def test_bad_requests_are_refused_with_a_reason():
+    with pytest.raises(ValueError, match="unknown family"):
+        make_task("haystack", 10_000, 0)
+    with pytest.raises(TypeError, match="variants are"):
+        make_task("niah", 10_000, 0, needle=2)
+    with pytest.raises(ValueError, match="too small"):
+        make_task("aggregate", 500, 0)
+    with pytest.raises(ValueError, match="too small"):
+        make_task("niah", 1_000, 0, needles=40)
+    with pytest.raises(ValueError, match="queried"):
+        make_task("niah", 10_000, 0, needles=2, queried=3)
+
+
+def test_suite_is_deterministic_and_complete():
+    a = make_suite(["niah", "multihop"], [3_000, 6_000], n=3, seed=1)
+    assert a == make_suite(["niah", "multihop"], [3_000, 6_000], n=3, seed=1)
+    assert len(a) == 12
+    assert Counter((t.family, len(t.context)) for t in a) == {
+        (f, n): 3 for f in ("niah", "multihop") for n in (3_000, 6_000)}
+    assert len({t.seed for t in a}) == 12
+    assert a != make_suite(["niah", "multihop"], [3_000, 6_000], n=3, seed=2)
+    b = make_suite(["niah"], [4_000], n=2, seed=0, variants={"niah": {"needles": 3, "queried": 2}})
+    assert all(t.scoring == "f1" and len(t.answer) == 2 for t in b)
+
+
+# ---------------------------------------------------------------- pools
+
+def test_topic_texts_never_name_a_topic_and_pools_are_disjoint():
+    seen = {}
+    for label, texts in AGGREGATE_TEXTS.items():
+        assert len(texts) >= 100
+        for text in texts:
+            assert not any(word in text.lower() for word in AGGREGATE_LABELS), text
+            assert "|" not in text and not re.search(r"\d", text)
+            assert seen.setdefault(text, label) == label, f"{text!r} is in two pools"
+
+
+def test_niah_key_words_never_end_with_another():
+    words = tasks._KEY_FIRST + tasks._KEY_SECOND
+    assert len(set(words)) == len(words)
+    assert not [(a, b) for a in words for b in words if a != b and a.endswith(b)]
+
+
+def test_filler_cannot_be_mistaken_for_a_fact():
+    text = "\n".join(tasks._filler_lines(__import__("random").Random(0), 200_000))
+    assert not re.search(r"\d|'|-|magic|handler|safehouse|Agent|contact|courier|informant", text)
+
+
+# ---------------------------------------------------------------- reference solvers
+
+NEEDLE = re.compile(r"^The special magic number for (\S+) is (\d{7})\.$", re.M)
+
+
+def solve_niah(task):
+    found = NEEDLE.findall(task.context)
+    values = dict(found)
+    assert len(values) == len(found), "a key appears in two needles"
+    for key in values:  # every key, decoys included, occurs once and only in its needle
+        assert task.context.count(key) == 1
+    asked = re.findall(r"[a-z]+-[a-z]+-\d\d", task.query)
+    answers = [values[k] for k in asked]
+    return answers[0] if task.scoring == "exact" else answers
+
+
+RECORD = re.compile(r"^Date: (2024-(\d\d)-\d\d) \|\| User: (\d+) \|\| Text: (.+)$")
+LABEL_OF = {text: label for label, texts in AGGREGATE_TEXTS.items() for text in texts}
+
+
+def parse_records(context):
+    header, *lines = context.split("\n")
+    assert "record" in header
+    out = []
+    for line in lines:
+        m = RECORD.match(line)
+        assert m, line
+        out.append((m.group(2), int(m.group(3)), LABEL_OF[m.group(4)]))
+    return out
+
+
+def solve_aggregate(task):
+    counts = Counter(label for _, _, label in parse_records(task.context))
+    asked = re.search(r"How many records are about (\w+)\?", task.query)
+    if asked:
+        return counts[asked.group(1)]
+    (top, n), (_, runner_up) = counts.most_common(2)
+    assert n > runner_up, "the most common topic must be unique"
+    return top
+
+
+def solve_pairs(task):
+    label = re.search(r"record about (\w+)", task.query).group(1)
+    months = defaultdict(set)  # month -> users with a record about label that month
+    for month, user, lab in parse_records(task.context):
+        if lab == label:
+            months[month if "same month" in task.query else "any"].add(user)
+    return sorted({p for users in months.values() for p in itertools.combinations(sorted(users), 2)})
+
+
+FACT = re.compile(r"^((?:Agent )?[A-Z][a-z]+ [A-Z][a-z]+)'s (\w+) (?:is|is in) ([A-Z][\w ]+)\.$", re.M)
+
+
+def solve_multihop(task):
+    facts = {}
+    for who, rel, what in FACT.findall(task.context):
+        assert (who, rel) not in facts, f"{who}'s {rel} is stated twice"
+        facts[who, rel] = what
+    agent = re.search(r"(Agent [A-Z][a-z]+ [A-Z][a-z]+)'s handler", task.query).group(1)
+    relations = ["handler"] + re.findall(r"the (\w+) of", task.query)[::-1]
+    relations = [r for r in relations if r != "safehouse"]
+    person = agent
+    for rel in relations:
+        person = facts[person, rel]
+    return facts[person, "safehouse"]
+
+
+SOLVERS = {"niah": solve_niah, "aggregate": solve_aggregate, "pairs": solve_pairs,
+           "multihop": solve_multihop}
+CASES = [
+    ("niah", {}), ("niah", {"decoys": 5}), ("niah", {"needles": 6, "queried": 1, "decoys": 2}),
+    ("niah", {"needles": 5, "queried": 3, "decoys": 3}), ("niah", {"depth": 0.5}),
+    ("aggregate", {}), ("aggregate", {"question": "most_common"}),
+    ("aggregate", {"label": "money"}),
+    ("pairs", {}), ("pairs", {"condition": "same_month"}), ("pairs", {"users": 3, "label": "food"}),
+    ("multihop", {}), ("multihop", {"hops": 3}), ("multihop", {"hops": 5, "distractors": 3}),
+]
+
+
+@pytest.mark.parametrize("family,variant", CASES)
+@pytest.mark.parametrize("length", [2_000, 60_000])
+def test_ground_truth_is_recoverable(family, variant, length):
+    for seed in range(4):
+        task = make_task(family, length, seed, **variant)
+        answer = SOLVERS[family](task)
+        if task.scoring == "f1" and family == "pairs":
+            assert sorted(map(tuple, task.answer)) == answer
+            assert 1 <= len(answer) <= 28
+        else:
+            assert answer == task.answer
+        assert score(task, str(answer)) == 1.0
+
+
+def test_niah_decoys_look_alike_but_differ():
+    task = make_task("niah", 30_000, 3, decoys=6)
+    key = re.search(r"for (\S+) mentioned", task.query).group(1)
+    a, b, _ = key.split("-")
+    keys = [k for k, _ in NEEDLE.findall(task.context)]
+    assert len(keys) == 7 and len(set(keys)) == 7
+    for k in keys:
+        assert k == key or (k != key and {a, b} == set(k.split("-")[:2]))
+
+
+def test_niah_depth_places_the_needle():
+    first = make_task("niah", 20_000, 1, depth=0.0).context.split("\n")
+    last = make_task("niah", 20_000, 1, depth=1.0).context.split("\n")
+    assert NEEDLE.match(first[0]) and NEEDLE.match(last[-1])
+
+
+def test_multihop_wrong_hop_gives_a_wrong_city():
+    task = make_task("multihop", 20_000, 2, hops=3)
+    agent = re.search(r"(Agent [A-Z][a-z]+ [A-Z][a-z]+)'s", task.query).group(1)
+    own = re.search(re.escape(agent) + r"'s safehouse is in (\w+)\.", task.context).group(1)
+    assert own != task.answer
+
+
+# ---------------------------------------------------------------- scoring
+
+def T(answer, scoring):
+    return Task("test", "q", "", answer, scoring, 0)
+
+
+@pytest.mark.parametrize("prediction", [
+    "Lisbon", "lisbon", "  LISBON \n", "Lisbon.", "'Lisbon'", '"Lisbon"', "**Lisbon**",
+    "The answer is Lisbon.", "The answer is: Lisbon", "Answer: Lisbon", "FINAL(Lisbon)",
+    "['Lisbon']", "I followed both hops, so the answer is Lisbon."])
+def test_exact_match_is_lenient_about_form(prediction):
+    assert score(T("Lisbon", "exact"), prediction) == 1.0
+
+
+@pytest.mark.parametrize("prediction", ["Lisbon, Porto", "Porto", "Lisbo", "", "['Lisbon', 'Porto']"])
+def test_exact_match_is_strict_about_content(prediction):
+    assert score(T("Lisbon", "exact"), prediction) == 0.0
+
+
+def test_none_scores_zero_in_every_mode():
+    for task in (T("x", "exact"), T(3, "number"), T(["a"], "f1"), T([[1, 2]], "f1")):
+        assert score(task, None) == 0.0
+
+
+@pytest.mark.parametrize("prediction,credit", [
+    ("12", 1.0), ("There are 12 records", 1.0), ("The answer is 12.", 1.0), ("12.0", 1.0),
+    ("11", 0.75), ("14", 0.75 ** 2), ("Out of 340 records, 9 are about food", 0.75 ** 3),
+    ("none", 0.0), ("1,212", 0.75 ** 1200)])
+def test_numbers_get_partial_credit(prediction, credit):
+    assert score(T(12, "number"), prediction) == pytest.approx(credit)
+
+
+def test_f1_over_values():
+    task = T(["1111111", "2222222", "3333333", "4444444"], "f1")
+    assert score(task, "['1111111', '2222222', '3333333', '4444444']") == 1.0
+    assert score(task, "4444444, 3333333, 2222222 and 1111111") == 1.0
+    assert score(task, "[1111111, 2222222]") == pytest.approx(2 / 3)  # P=1, R=1/2
+    assert score(task, "1111111\n2222222\n9999999") == pytest.approx(4 / 7)  # P=2/3, R=1/2
+    assert score(task, "9999999") == 0.0
+
+
+def test_f1_over_unordered_pairs():
+    task = T([[1, 2], [3, 4], [5, 6]], "f1")
+    for text in ["[(1, 2), (3, 4), (5, 6)]", "(2, 1), (4, 3), (6, 5)", "[[5, 6], [1, 2], [3, 4]]",
+                 "(user 1, user 2)\n(user 3, user 4)\n(user 5, user 6)", "1-2, 3-4, 5-6",
+                 "['1-2', '3-4', '5-6']", "The answer is: (1, 2), (3, 4), (5, 6)."]:
+        assert score(task, text) == 1.0, text
+    assert score(task, "(1, 2), (3, 4)") == pytest.approx(0.8)  # P=1, R=2/3
+    assert score(task, "(1, 2), (1, 3)") == pytest.approx(0.4)  # P=1/2, R=1/3
+    assert score(task, "(1, 2), (1, 2)") == pytest.approx(0.5)  # duplicates count once
+    assert score(task, "(1, 2, 3)") == 0.0
+    assert score(task, "[]") == 0.0
+    assert score(T([], "f1"), "[]") == 1.0
+
+
+# ---------------------------------------------------------------- external files
+
+def test_jsonl_round_trip(tmp_path):
+    original = [make_task(f, 3_000, seed=i) for i, f in enumerate(FAMILIES)]
+    path = tmp_path / "tasks.jsonl"
+    save_jsonl(original, path)
+    assert load_jsonl(path) == original
+
+
+def test_jsonl_infers_scoring(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    rows = [{"context": "c", "question": "how many?", "answer": 3},
+            {"context": ["a", "b"], "query": "which?", "answer": ["x", "y"]},
+            {"context": "c", "question": "who?", "answer": "Ada"},
+            {"context": "c", "question": "count?", "answer": "7", "scoring": "number"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    loaded = load_jsonl(path)
+    assert [t.scoring for t in loaded] == ["number", "f1", "exact", "number"]
+    assert loaded[1].context == ["a", "b"] and loaded[1].query == "which?"
+    assert loaded[0].family == "bench" and loaded[3].answer == 7
+    assert score(loaded[3], "6") == 0.75
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ("{not json", "line 2: not valid JSON"),
+    ('{"context": "c", "answer": 1}', "line 2: missing question or query"),
+    ('{"context": "c", "question": "q", "answer": {"a": 1}}', "line 2: answer must be"),
+    ('{"context": "c", "question": "q", "answer": "x", "scoring": "bleu"}', "line 2: scoring must be"),
+    ("[1, 2]", "line 2: expected a JSON object"),
+])
+def test_jsonl_bad_line_is_named(tmp_path, bad_line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"context": "c", "question": "q", "answer": "a"}) + "\n" + bad_line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_jsonl(path)
