@@ -1,0 +1,508 @@
+"""
+The Recursive Language Model: a policy that answers a query about a long input by
+writing code against it in a REPL and calling itself on pieces, to any depth.
+
+    python rlm.py --query "What is the magic number for the key 'blue-otter'?" --context notes.txt
+    python rlm.py --query "..." --context big.txt --max-depth 3 --adapter out/adapter
+
+How one rollout goes. The root call sees a system prompt that teaches the REPL's API and
+a user message with the query and a description of the context (type, size, a short
+preview), never the context itself. Each turn it samples a reply; the ```repl (or
+```python) blocks of the reply run in the call's own REPL, whose output comes back as
+the next user message. The call ends when its code calls FINAL(value) (or the reply
+writes FINAL(...) as plain text), or when turns run out, after one last turn that asks
+for the answer. Code may call `llm_query(prompt)` (one plain completion) or
+`rlm_query(query, context)` (a child RLM with its own REPL at depth + 1; at max depth a
+plain completion instead), synchronously or concurrently with their async twins.
+
+Every generation of every call in every concurrent rollout goes through one Batcher,
+which gathers the requests that are waiting into one batched sampling call run off the
+event loop, so REPLs keep running while the model generates.
+
+Deliberate simplifications, one line each:
+- each turn re-prefills the whole conversation (no KV cache across turns); prompt tokens are counted that way.
+- a batch samples up to the largest max_new_tokens asked for and cuts each reply to its own limit.
+- budgets are per rollout (generated tokens, number of sub-calls), reserved before sampling so they are never exceeded.
+- "synchronous" sub-calls (allow_async=False) means the sub-calls of one REPL are served one at a time.
+- latency is counted in generated tokens on the critical path, not seconds (seconds are reported beside it).
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+from repl import REPL
+
+CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL)
+TEXT_FINAL = re.compile(r"FINAL\((.*)\)", re.DOTALL)
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised inside a rollout when its token or sub-call budget is spent."""
+
+
+# -----------------------------------------------------------------------------
+# The trace: what a rollout leaves behind, for the reward and for training
+
+
+@dataclass
+class Cost:
+    prompt_tokens: int = 0  # tokens prefilled, summed over every sampling call of the tree
+    generated_tokens: int = 0  # tokens sampled over the tree
+    sub_calls: dict = field(default_factory=lambda: {"llm_query": 0, "rlm_query": 0})
+    depth: int = 0  # deepest call reached, the root being 0
+    critical_path_tokens: int = 0  # generated tokens along the longest chain of dependent calls
+    wall_seconds: float = 0.0
+
+
+@dataclass
+class Call:
+    """One node of the call tree: its whole conversation as exact token ids."""
+
+    id: int
+    parent: int | None
+    kind: str  # "root", "rlm_query" or "llm_query"
+    depth: int
+    query: str
+    token_ids: list = field(default_factory=list)
+    sampled_mask: list = field(default_factory=list)  # 1 where the policy sampled the token
+    sampling_logprobs: list = field(default_factory=list)  # aligned with token_ids, 0.0 where not sampled
+    prompt_lengths: list = field(default_factory=list)  # len(token_ids) at each sampling call
+    turns: list = field(default_factory=list)  # readable: reply, code, observation, sub-calls
+    answer: str | None = None
+    cost: Cost = field(default_factory=Cost)
+    started: float = 0.0
+    ended: float = 0.0
+
+    def append(self, ids, sampled, logprobs=None):
+        self.token_ids += ids
+        self.sampled_mask += [int(sampled)] * len(ids)
+        self.sampling_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+
+
+@dataclass
+class Rollout:
+    query: str
+    answer: str | None
+    calls: list  # calls[0] is the root; a child's parent is an index into this list
+    cost: Cost
+    max_generated_tokens: int
+
+
+def write_jsonl(rollouts, path, mode="w"):
+    with open(path, mode) as f:
+        for rollout in rollouts:
+            f.write(json.dumps(dataclasses.asdict(rollout)) + "\n")
+
+
+def read_jsonl(path):
+    rollouts = []
+    with open(path) as f:
+        for line in f:
+            d = json.loads(line)
+            calls = [Call(**{**c, "cost": Cost(**c["cost"])}) for c in d["calls"]]
+            rollouts.append(Rollout(**{**d, "calls": calls, "cost": Cost(**d["cost"])}))
+    return rollouts
+
+
+# -----------------------------------------------------------------------------
+# The batcher: many coroutines ask for one completion each; the model sees batches
+
+
+@dataclass
+class _Request:
+    prompt_ids: list
+    max_new_tokens: int
+    future: asyncio.Future
+
+
+class Batcher:
+    """Turns concurrent `await batcher.sample(ids, n)` requests into batched policy.sample calls."""
+
+    def __init__(self, policy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01):
+        self.policy = policy
+        self.max_batch_size = max_batch_size
+        self.temperature, self.top_p = temperature, top_p
+        self.gather_window = gather_window  # seconds to wait so concurrent requests join one batch
+        self.n_requests = 0
+        self.n_sampling_calls = 0
+        self._queue = []
+        self._worker = None
+
+    async def sample(self, prompt_ids, max_new_tokens):
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(list(prompt_ids), max_new_tokens, future))
+        self.n_requests += 1
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self):
+        while self._queue:
+            await asyncio.sleep(self.gather_window)
+            batch = self._queue[: self.max_batch_size]
+            self._queue = self._queue[self.max_batch_size :]
+            max_new_tokens = max(r.max_new_tokens for r in batch)
+            self.n_sampling_calls += 1
+            try:
+                # The model runs in a worker thread so REPLs and sub-calls keep moving meanwhile.
+                samples = await asyncio.to_thread(
+                    self.policy.sample, [r.prompt_ids for r in batch], max_new_tokens=max_new_tokens,
+                    temperature=self.temperature, top_p=self.top_p)
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            for r, s in zip(batch, samples):
+                if len(s.token_ids) > r.max_new_tokens:
+                    s = dataclasses.replace(s, token_ids=s.token_ids[: r.max_new_tokens],
+                                            logprobs=s.logprobs[: r.max_new_tokens], finish_reason="length")
+                if not r.future.done():
+                    r.future.set_result(s)
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def system_prompt(can_recurse, allow_async):
+    lines = [
+        "You answer a query about a context that is too long to read at once. The context is the "
+        "variable `context` in a Python REPL. Write Python code in ```repl blocks; it runs in the REPL "
+        "and you see what it prints. Variables persist between blocks.",
+        "",
+        "Available in the REPL:",
+        "- `context`: the input. `query`: the query, a str.",
+        "- `llm_query(prompt)` -> str: ask a language model about a short text, e.g. one chunk of the context.",
+    ]
+    if can_recurse:
+        lines.append("- `rlm_query(query, context)` -> str: solve a sub-problem on a piece of the context "
+                     "with a new REPL of its own.")
+    if allow_async:
+        lines.append("- `llm_query_batched(prompts)` -> list of str: many llm_query calls at once.")
+        lines.append("- `await llm_query_async(prompt)`" + (", `await rlm_query_async(query, context)`"
+                     if can_recurse else "") + ": the same, to run many at once with `await asyncio.gather(...)`.")
+    lines += [
+        "- `FINAL(answer)`: call it with the answer when you know it.",
+        "",
+        "Look at the context with code (len, slicing, re, splitting into chunks), ask sub-questions on "
+        "chunks, combine the results, then call FINAL. Example:",
+        "```repl",
+        "chunks = [context[i:i + 4000] for i in range(0, len(context), 4000)]",
+        ("answers = llm_query_batched([f'Find the answer to: {query}\\n\\n{c}' for c in chunks])"
+         if allow_async else "answers = [llm_query(f'Find the answer to: {query}\\n\\n{c}') for c in chunks]"),
+        "print(answers)",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def describe_context(context, preview_chars=300):
+    if isinstance(context, str):
+        kind, size, preview = "str", f"{len(context):,} characters", context[:preview_chars]
+    elif isinstance(context, dict):
+        size = f"{len(context):,} keys, {sum(len(str(v)) for v in context.values()):,} characters"
+        kind, preview = "dict", repr(dict(list(context.items())[:3]))[:preview_chars]
+    else:
+        size = f"{len(context):,} items, {sum(len(str(v)) for v in context):,} characters"
+        kind, preview = type(context).__name__, repr(list(context[:3]))[:preview_chars]
+    return f"The context is a {kind} of {size}. It begins:\n{preview}..."
+
+
+def user_prompt(query, context, preview_chars):
+    return f"Query: {query}\n\n{describe_context(context, preview_chars)}"
+
+
+LAST_TURN = "You are out of turns. Reply with FINAL(your answer) now."
+
+
+# -----------------------------------------------------------------------------
+# The RLM
+
+
+class _RolloutState:
+    """Mutable bookkeeping shared by every call of one rollout."""
+
+    def __init__(self):
+        self.calls = []
+        self.generated = 0  # sampled so far
+        self.reserved = 0  # asked for by samples in flight
+        self.sub_calls = 0
+        self.clock = 0  # logical clock: orders sub-call starts and ends
+
+    def tick(self):
+        self.clock += 1
+        return self.clock
+
+
+class RLM:
+    def __init__(self, batcher, *, max_depth=2, max_turns=6, max_new_tokens=256, max_sub_calls=16,
+                 max_generated_tokens=4096, max_call_tokens=8192, allow_async=True, allow_rlm_query=True,
+                 repl_timeout=10.0, max_output_chars=2000, preview_chars=300, on_sample=None):
+        self.batcher = batcher
+        self.policy = batcher.policy
+        self.max_depth = max_depth  # the root is depth 0; rlm_query at max_depth becomes a plain completion
+        self.max_turns = max_turns  # sampled turns per RLM call, before the last "answer now" turn
+        self.max_new_tokens = max_new_tokens  # per sampled reply
+        self.max_sub_calls = max_sub_calls  # per rollout, every kind and depth together
+        self.max_generated_tokens = max_generated_tokens  # per rollout, the whole tree
+        self.max_call_tokens = max_call_tokens  # one call's conversation must fit the model's window
+        self.allow_async = allow_async
+        self.allow_rlm_query = allow_rlm_query
+        self.repl_timeout, self.max_output_chars = repl_timeout, max_output_chars
+        self.preview_chars = preview_chars
+        self.on_sample = on_sample  # callback(n_tokens) for progress displays
+
+    async def run(self, query, context):
+        state = _RolloutState()
+        answer = await self._rlm_call(state, query, context, depth=0, parent=None, kind="root")
+        for call in reversed(state.calls):  # children come after their parents
+            _finish_cost(call, state.calls)
+        root = state.calls[0]
+        return Rollout(query, answer, state.calls, root.cost, self.max_generated_tokens)
+
+    # --- one generation, with budgets
+
+    async def _generate(self, state, call, max_new_tokens):
+        remaining = self.max_generated_tokens - state.generated - state.reserved
+        window = self.max_call_tokens - len(call.token_ids)
+        n = min(max_new_tokens, remaining, window)
+        if n <= 0:
+            raise BudgetExhausted(
+                "the token budget of this rollout is spent" if remaining <= 0
+                else "this call's conversation has filled the model's context window")
+        state.reserved += n
+        call.prompt_lengths.append(len(call.token_ids))
+        try:
+            sample = await self.batcher.sample(call.token_ids, n)
+        finally:
+            state.reserved -= n
+        state.generated += len(sample.token_ids)
+        call.append(sample.token_ids, True, sample.logprobs)
+        if self.on_sample:
+            self.on_sample(len(sample.token_ids))
+        return sample
+
+    def _new_call(self, state, parent, kind, depth, query):
+        call = Call(id=len(state.calls), parent=parent, kind=kind, depth=depth, query=query, started=time.time())
+        state.calls.append(call)
+        return call
+
+    # --- a plain completion
+
+    async def _llm_call(self, state, prompt, depth, parent):
+        call = self._new_call(state, parent, "llm_query", depth, prompt)
+        limit = self.max_call_tokens - self.max_new_tokens
+        ids = self.policy.chat_ids([{"role": "user", "content": prompt}])
+        while len(ids) > limit:  # cut the middle; the question usually sits at one end
+            keep = int(len(prompt) * limit / len(ids) * 0.9) // 2
+            prompt = f"{prompt[:keep]}\n[... {len(prompt) - 2 * keep} characters cut ...]\n{prompt[-keep:]}"
+            ids = self.policy.chat_ids([{"role": "user", "content": prompt}])
+        call.append(ids, False)
+        try:
+            sample = await self._generate(state, call, self.max_new_tokens)
+            call.answer = self.policy.decode(_strip_eos(sample.token_ids, self.policy.eos_token_ids)).strip()
+            call.turns.append({"reply": call.answer, "code": [], "observation": None, "sub_calls": []})
+        finally:
+            call.ended = time.time()
+        return call.answer
+
+    # --- a full recursive call
+
+    async def _rlm_call(self, state, query, context, depth, parent, kind):
+        call = self._new_call(state, parent, kind, depth, query)
+        can_recurse = self.allow_rlm_query and depth < self.max_depth
+        messages = [{"role": "system", "content": system_prompt(can_recurse, self.allow_async)},
+                    {"role": "user", "content": user_prompt(query, context, self.preview_chars)}]
+        call.append(self.policy.chat_ids(messages), False)
+        lock = None if self.allow_async else asyncio.Lock()
+
+        async def handler(request):
+            return await self._sub_call(state, call, request, lock)
+
+        try:
+            async with REPL(context, handler=handler, timeout=self.repl_timeout,
+                            max_output_chars=self.max_output_chars) as repl:
+                # The query is a variable too, so code can pass it on to sub-calls.
+                await repl.execute(f"import asyncio, json, math, re\nquery = {query!r}")
+                for turn in range(self.max_turns + 1):
+                    try:
+                        sample = await self._generate(state, call, self.max_new_tokens)
+                    except BudgetExhausted as e:
+                        call.turns.append({"reply": None, "code": [], "observation": f"[stopped: {e}]",
+                                           "sub_calls": []})
+                        break
+                    reply = self.policy.decode(_strip_eos(sample.token_ids, self.policy.eos_token_ids))
+                    record = {"reply": reply, "code": CODE_BLOCK.findall(reply), "observation": None,
+                              "sub_calls": []}
+                    call.turns.append(record)
+                    observation = await self._run_code(repl, record)
+                    call.answer = repl.answer if repl.answer is not None else _text_final(reply, record["code"])
+                    if call.answer is not None or turn == self.max_turns:
+                        break
+                    if turn == self.max_turns - 1:
+                        observation += "\n\n" + LAST_TURN
+                    record["observation"] = observation
+                    ended_with_eos = bool(sample.token_ids) and sample.token_ids[-1] in self.policy.eos_token_ids
+                    call.append(self.policy.followup_ids(observation, ended_with_eos), False)
+        finally:
+            call.ended = time.time()
+        return call.answer
+
+    async def _run_code(self, repl, record):
+        if not record["code"]:
+            return ("No ```repl code block found in your reply. Write code in a ```repl block, "
+                    "or call FINAL(answer) when you know the answer.")
+        # Sub-calls made while this runs are recorded on this turn (the call's last).
+        return "\n".join([await repl.execute(code) for code in record["code"]])
+
+    async def _sub_call(self, state, call, request, lock):
+        fn = request.get("fn")
+        if fn == "rlm_query" and not self.allow_rlm_query:
+            raise RuntimeError("rlm_query is not available in this run; use llm_query instead")
+        if state.sub_calls >= self.max_sub_calls:
+            raise BudgetExhausted(f"the sub-call budget of this rollout ({self.max_sub_calls}) is spent; "
+                                  "combine what you have and call FINAL")
+        state.sub_calls += 1
+        record = call.turns[-1]
+        if lock is not None:
+            await lock.acquire()
+        try:
+            start, child_id = state.tick(), len(state.calls)
+            if fn == "rlm_query" and call.depth + 1 <= self.max_depth:
+                result = await self._rlm_call(state, request["query"], request["context"],
+                                              call.depth + 1, call.id, "rlm_query")
+            else:  # llm_query, or rlm_query past max depth: one plain completion
+                prompt = request["prompt"] if fn == "llm_query" else f"{request['query']}\n\n{request['context']}"
+                result = await self._llm_call(state, prompt, call.depth + 1, call.id)
+            record["sub_calls"].append({"fn": fn, "call": child_id, "start": start, "end": state.tick()})
+        finally:
+            if lock is not None:
+                lock.release()
+        return result if result is not None else "(the sub-call gave no answer)"
+
+
+def _strip_eos(ids, eos_ids):
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
+def _text_final(reply, code_blocks):
+    """FINAL(...) written as plain text outside code counts as the answer."""
+    text = CODE_BLOCK.sub("", reply)
+    match = TEXT_FINAL.search(text)
+    if match is None:
+        return None
+    return match.group(1).strip().strip("'\"").strip()
+
+
+def longest_chain(intervals):
+    """Max total weight of sub-calls that ran one after another.
+
+    intervals: (start, end, weight) on a logical clock. Two calls are sequential when one
+    ended before the other started; overlapping calls ran concurrently, so only the
+    heaviest chain of sequential ones adds to the latency.
+    """
+    intervals = sorted(intervals, key=lambda x: x[1])
+    best = []  # best[i]: heaviest chain ending with intervals[i]
+    for i, (start, end, weight) in enumerate(intervals):
+        before = [best[j] for j in range(i) if intervals[j][1] < start]
+        best.append(weight + max(before, default=0))
+    return max(best, default=0)
+
+
+def _finish_cost(call, calls):
+    """Fill call.cost from its own tokens and its children's (already finished) costs."""
+    children = [c for c in calls if c.parent == call.id]
+    cost = Cost(prompt_tokens=sum(call.prompt_lengths), generated_tokens=sum(call.sampled_mask),
+                depth=call.depth, wall_seconds=call.ended - call.started)
+    critical = cost.generated_tokens
+    for turn in call.turns:
+        critical += longest_chain([(s["start"], s["end"], calls[s["call"]].cost.critical_path_tokens)
+                                   for s in turn["sub_calls"]])
+    for child in children:
+        cost.prompt_tokens += child.cost.prompt_tokens
+        cost.generated_tokens += child.cost.generated_tokens
+        cost.depth = max(cost.depth, child.cost.depth)
+        for k, v in child.cost.sub_calls.items():
+            cost.sub_calls[k] += v
+    for turn in call.turns:
+        for s in turn["sub_calls"]:
+            cost.sub_calls[s["fn"]] += 1
+    cost.critical_path_tokens = critical
+    call.cost = cost
+
+
+# -----------------------------------------------------------------------------
+# Showing a rollout
+
+
+def format_rollout(rollout, max_chars=600):
+    def cut(text):
+        text = str(text)
+        return text if len(text) <= max_chars else text[: max_chars // 2] + " [...] " + text[-max_chars // 2:]
+
+    lines = []
+    for call in rollout.calls:
+        pad = "  " * call.depth
+        c = call.cost
+        lines.append(f"{pad}#{call.id} {call.kind} depth={call.depth} parent={call.parent} "
+                     f"gen={c.generated_tokens} prompt={c.prompt_tokens} critical={c.critical_path_tokens} "
+                     f"{c.wall_seconds:.1f}s :: {cut(call.query)!r}")
+        for i, turn in enumerate(call.turns):
+            if call.kind != "llm_query":
+                lines.append(f"{pad}  turn {i}: reply: {cut(turn['reply'])!r}")
+                for s in turn["sub_calls"]:
+                    lines.append(f"{pad}    -> {s['fn']} #{s['call']}")
+                if turn["observation"] is not None:
+                    lines.append(f"{pad}    observation: {cut(turn['observation'])!r}")
+        lines.append(f"{pad}  answer: {call.answer!r}")
+    c = rollout.cost
+    lines.append(f"total: generated={c.generated_tokens} prompt={c.prompt_tokens} sub_calls={c.sub_calls} "
+                 f"depth={c.depth} critical_path={c.critical_path_tokens} wall={c.wall_seconds:.1f}s")
+    lines.append(f"answer: {rollout.answer!r}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Run one RLM on a text file and print its call tree.")
+    parser.add_argument("--query", required=True)
+    parser.add_argument("--context", required=True, help="path of a text file: the long input")
+    parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder")
+    parser.add_argument("--max-depth", type=int, default=2)
+    parser.add_argument("--max-turns", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-sub-calls", type=int, default=16)
+    parser.add_argument("--max-generated-tokens", type=int, default=4096)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--sync", action="store_true", help="serve sub-calls one at a time")
+    parser.add_argument("--trace", default=None, help="write the rollout as one JSONL line here")
+    args = parser.parse_args()
+
+    from tqdm import tqdm
+
+    from lora import load_policy
+
+    with open(args.context, encoding="utf-8", errors="replace") as f:
+        context = f.read()
+    print(f"loading the policy ({args.model or 'SmolLM2-135M-Instruct'})...", flush=True)
+    policy = load_policy(args.model, adapter=args.adapter)
+    bar = tqdm(total=args.max_generated_tokens, desc="generated tokens (budget)", unit="tok")
+    rlm = RLM(Batcher(policy, temperature=args.temperature), max_depth=args.max_depth, max_turns=args.max_turns,
+              max_new_tokens=args.max_new_tokens, max_sub_calls=args.max_sub_calls,
+              max_generated_tokens=args.max_generated_tokens, allow_async=not args.sync, on_sample=bar.update)
+    rollout = asyncio.run(rlm.run(args.query, context))
+    bar.close()
+    print(format_rollout(rollout))
+    if args.trace:
+        write_jsonl([rollout], args.trace)
+        print(f"trace written to {args.trace}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""rlm.py driven by a scripted policy (canned replies, byte-level tokens) and by a tiny real model."""
+
+import asyncio
+
+import pytest
+
+from rlm import RLM, Batcher, longest_chain, read_jsonl, write_jsonl
+from scripted import EOS, ScriptedPolicy, encode, parse, repl_block
+
+
+def run(policy, query="q", context="abcdefghij" * 10, **settings):
+    rlm = RLM(Batcher(policy, gather_window=0.005), **settings)
+    return asyncio.run(rlm.run(query, context)), rlm
+
+
+def assert_prefix_property(rollout, policy):
+    """Every prompt sampled from is a prefix of its call's final ids; sampled ids are masked in."""
+    seen = {tuple(p) for p in policy.prompts}
+    for call in rollout.calls:
+        assert len(call.token_ids) == len(call.sampled_mask) == len(call.sampling_logprobs)
+        for n in call.prompt_lengths:
+            assert tuple(call.token_ids[:n]) in seen  # the prompt was exactly this prefix
+            assert call.sampled_mask[n] == 1  # and what follows it was sampled
+        assert not any(call.sampled_mask[: call.prompt_lengths[0]])
+    assert sum(sum(c.sampled_mask) for c in rollout.calls) == rollout.cost.generated_tokens
+
+
+def test_recursion_to_depth_3_and_final_from_nested_children():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "plain"
+        depth = int(p["query"][-1])
+        if depth < 3:
+            return repl_block(f"FINAL('d{depth}<' + rlm_query('depth{depth + 1}', context[1:]))")
+        return repl_block("FINAL('leaf:' + context[:3])")
+
+    rollout, _ = run(ScriptedPolicy(script), query="depth0", context="0123456789", max_depth=3)
+    assert rollout.answer == "d0<d1<d2<leaf:345"
+    assert [c.kind for c in rollout.calls] == ["root", "rlm_query", "rlm_query", "rlm_query"]
+    assert [c.depth for c in rollout.calls] == [0, 1, 2, 3]
+    assert [c.parent for c in rollout.calls] == [None, 0, 1, 2]
+    assert rollout.cost.depth == 3 and rollout.cost.sub_calls == {"llm_query": 0, "rlm_query": 3}
+    # each child's FINAL ended only that child: the parent went on to its own FINAL
+    assert [c.answer for c in rollout.calls] == ["d0<d1<d2<leaf:345", "d1<d2<leaf:345", "d2<leaf:345", "leaf:345"]
+
+
+def test_rlm_query_at_max_depth_falls_back_to_a_plain_completion():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "plain answer"
+        return repl_block("FINAL(rlm_query('deeper', context))")
+
+    rollout, _ = run(ScriptedPolicy(script), max_depth=1)
+    assert [c.kind for c in rollout.calls] == ["root", "rlm_query", "llm_query"]
+    assert rollout.answer == "plain answer"
+    assert rollout.calls[2].query.startswith("deeper\n\n")
+
+
+def test_parallel_sub_calls_are_batched_into_fewer_sampling_calls():
+    n = 8
+
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "a" + p["query"]
+        return repl_block(f"r = await asyncio.gather(*[llm_query_async(str(i)) for i in range({n})])\n"
+                          "FINAL(','.join(r))")
+
+    policy = ScriptedPolicy(script, delay=0.05)
+    rollout, rlm = run(policy)
+    assert rollout.answer == ",".join(f"a{i}" for i in range(n))
+    sub_call_batches = policy.batch_sizes[1:]  # the first sampling call is the root's turn
+    assert sum(sub_call_batches) == n
+    assert len(sub_call_batches) < n
+    assert rlm.batcher.n_requests == n + 1 and rlm.batcher.n_sampling_calls == len(policy.batch_sizes)
+
+
+def test_hundreds_of_sub_calls_in_flight_do_not_deadlock():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "x"
+        return repl_block("r = llm_query_batched([str(i) for i in range(300)])\nFINAL(len(r))")
+
+    rollout, _ = run(ScriptedPolicy(script), max_sub_calls=300, max_generated_tokens=100_000)
+    assert rollout.answer == "300"
+    assert rollout.cost.sub_calls["llm_query"] == 300
+
+
+def test_cost_arithmetic_critical_path_versus_totals():
+    # Root turn: one sequential call, then two concurrent ones, then FINAL.
+    root_reply = repl_block("a = llm_query('x')\n"
+                            "b, c = await asyncio.gather(llm_query_async('y'), llm_query_async('zz'))\n"
+                            "FINAL(a + b + c)")
+    replies = {"x": "aaaa", "y": "bb", "zz": "cccccc"}
+
+    def script(text):
+        p = parse(text)
+        return replies[p["query"]] if p["kind"] == "llm" else root_reply
+
+    policy = ScriptedPolicy(script)
+    rollout, _ = run(policy)
+    assert rollout.answer == "aaaabbcccccc"
+    root_gen = len(encode(root_reply)) + 1  # +1: the end-of-turn token is sampled too
+    gen = {q: len(r) + 1 for q, r in replies.items()}
+    assert rollout.cost.generated_tokens == root_gen + sum(gen.values())
+    # sequential calls add up, concurrent ones take the maximum
+    assert rollout.cost.critical_path_tokens == root_gen + gen["x"] + max(gen["y"], gen["zz"])
+    assert rollout.cost.prompt_tokens == sum(len(p) for p in policy.prompts)
+    assert rollout.cost.sub_calls == {"llm_query": 3, "rlm_query": 0}
+    assert rollout.calls[0].cost.critical_path_tokens == rollout.cost.critical_path_tokens
+
+
+def test_sync_mode_serves_sub_calls_one_at_a_time_and_latency_adds_up():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "r" * 5
+        return repl_block("r = await asyncio.gather(*[llm_query_async(str(i)) for i in range(3)])\nFINAL(len(r))")
+
+    policy = ScriptedPolicy(script, delay=0.02)
+    rollout, _ = run(policy, allow_async=False)
+    assert rollout.answer == "3"
+    assert policy.batch_sizes == [1, 1, 1, 1]
+    root_gen = sum(rollout.calls[0].sampled_mask)  # the root's own tokens, not its subtree's
+    assert rollout.cost.critical_path_tokens == root_gen + 3 * 6
+
+
+def test_longest_chain_by_hand():
+    assert longest_chain([]) == 0
+    assert longest_chain([(1, 2, 5), (3, 4, 7)]) == 12  # one after the other
+    assert longest_chain([(1, 4, 5), (2, 3, 7)]) == 7  # overlapping
+    assert longest_chain([(1, 2, 5), (3, 6, 1), (4, 5, 4), (7, 8, 2)]) == 5 + 4 + 2
+
+
+def test_reply_without_code_gets_an_observation_and_the_rollout_goes_on():
+    def script(text):
+        p = parse(text)
+        if p["turn"] == 0:
+            return "I am thinking about it."
+        assert "No ```repl code block" in p["observation"]
+        return repl_block("FINAL('done')")
+
+    rollout, _ = run(ScriptedPolicy(script))
+    assert rollout.answer == "done"
+    assert len(rollout.calls[0].turns) == 2
+
+
+def test_final_written_as_text_counts_and_turns_run_out_with_a_last_turn():
+    def script(text):
+        p = parse(text)
+        if "out of turns" in p["observation"]:
+            return "FINAL(forty two)"
+        return repl_block("print(len(context))")
+
+    rollout, _ = run(ScriptedPolicy(script), max_turns=3)
+    assert rollout.answer == "forty two"
+    assert len(rollout.calls[0].turns) == 4  # 3 turns and the last one
+
+
+def test_no_answer_when_the_model_never_answers():
+    rollout, _ = run(ScriptedPolicy(lambda text: repl_block("x = 1")), max_turns=2)
+    assert rollout.answer is None and rollout.calls[0].answer is None
+
+
+def test_errors_inside_sub_calls_reach_the_model_code_and_the_rollout_goes_on():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            if p["query"] == "bad":
+                raise ValueError("the model broke on this prompt")
+            return "fine"
+        if p["turn"] == 0:
+            return repl_block("try:\n    llm_query('bad')\nexcept Exception as e:\n    print('caught:', e)\n"
+                              "print(llm_query('good'))")
+        return repl_block("FINAL('ok')")
+
+    rollout, _ = run(ScriptedPolicy(script))
+    observation = rollout.calls[0].turns[0]["observation"]
+    assert "caught:" in observation and "the model broke on this prompt" in observation and "fine" in observation
+    assert rollout.answer == "ok"
+
+
+def test_rlm_query_can_be_disabled():
+    def script(text):
+        p = parse(text)
+        if p["turn"] == 0:
+            return repl_block("rlm_query('sub', context)")
+        assert "rlm_query is not available" in p["observation"]
+        return repl_block("FINAL('no recursion')")
+
+    rollout, _ = run(ScriptedPolicy(script), allow_rlm_query=False)
+    assert rollout.answer == "no recursion" and len(rollout.calls) == 1
+
+
+def test_sub_call_budget_is_enforced_with_a_clear_observation():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "y"
+        if p["turn"] == 0:
+            return repl_block("for i in range(5):\n    try:\n        print(llm_query(str(i)))\n"
+                              "    except Exception as e:\n        print('error:', e)")
+        return repl_block("FINAL('stop')")
+
+    rollout, _ = run(ScriptedPolicy(script), max_sub_calls=3)
+    observation = rollout.calls[0].turns[0]["observation"]
+    assert observation.count("error:") == 2 and "sub-call budget" in observation
+    assert rollout.cost.sub_calls["llm_query"] == 3
+
+
+def test_token_budget_is_never_exceeded():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "z" * 50
+        return repl_block("r = llm_query_batched(['a'] * 10)\nprint(r)")
+
+    rollout, _ = run(ScriptedPolicy(script), max_generated_tokens=300, max_turns=5, max_sub_calls=100)
+    assert rollout.cost.generated_tokens <= 300
+    assert any("token budget" in (t["observation"] or "") for t in rollout.calls[0].turns)
+
+
+def test_token_ids_obey_the_prefix_property_and_the_trace_round_trips(tmp_path):
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "child"
+        if p["turn"] == 0:
+            return repl_block("print(rlm_query('sub', context[:5]))")
+        return repl_block("FINAL('x')")
+
+    policy = ScriptedPolicy(script)
+    rollout, _ = run(policy, max_depth=2)
+    assert_prefix_property(rollout, policy)
+    root = rollout.calls[0]
+    sampled = [t for t, m in zip(root.token_ids, root.sampled_mask) if m]
+    expected = encode(repl_block("print(rlm_query('sub', context[:5]))")) + [EOS]
+    assert sampled[: len(expected)] == expected  # the first reply, byte for byte, then its end-of-turn
+    path = tmp_path / "trace.jsonl"
+    write_jsonl([rollout, rollout], path)
+    back = read_jsonl(path)
+    assert len(back) == 2 and back[0] == rollout
+
+
+def test_tiny_real_model_end_to_end(tiny_policy):
+    torch = pytest.importorskip("torch")
+    rlm = RLM(Batcher(tiny_policy), max_turns=2, max_new_tokens=24, max_generated_tokens=200)
+
+    async def main():
+        return await asyncio.gather(*[rlm.run("What is the key?", "The key is 42. " * 50) for _ in range(3)])
+
+    rollouts = asyncio.run(main())
+    assert rlm.batcher.n_sampling_calls < rlm.batcher.n_requests  # the three roots shared batches
+    for rollout in rollouts:
+        root = rollout.calls[0]
+        assert 0 < rollout.cost.generated_tokens <= 200
+        # the trace's sampling log-probs agree with the training scoring path
+        ids = torch.tensor([root.token_ids])
+        mask = torch.tensor([root.sampled_mask], dtype=torch.bool)
+        with torch.no_grad():
+            scored = tiny_policy.logprobs(ids, torch.ones_like(ids), mask)
+        sampled = torch.tensor(root.sampling_logprobs)[mask[0]]
+        assert torch.allclose(scored[0][mask[0]], sampled, atol=1e-3)
