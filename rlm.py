@@ -23,6 +23,8 @@ Deliberate simplifications, one line each:
 - each turn re-prefills the whole conversation (no KV cache across turns); prompt tokens are counted that way.
 - a batch samples up to the largest max_new_tokens asked for and cuts each reply to its own limit.
 - budgets are per rollout (generated tokens, number of sub-calls), reserved before sampling so they are never exceeded.
+- with a seed, each sample's randomness comes from (seed, the call's path in the tree, turn), so a
+  rollout does not depend on how requests happened to be batched.
 - "synchronous" sub-calls (allow_async=False) means the sub-calls of one REPL are served one at a time.
 - latency is counted in generated tokens on the critical path, not seconds (seconds are reported beside it).
 """
@@ -33,6 +35,7 @@ import dataclasses
 import json
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from repl import REPL
@@ -117,6 +120,7 @@ def read_jsonl(path):
 class _Request:
     prompt_ids: list
     max_new_tokens: int
+    seed: int | None
     future: asyncio.Future
 
 
@@ -133,9 +137,9 @@ class Batcher:
         self._queue = []
         self._worker = None
 
-    async def sample(self, prompt_ids, max_new_tokens):
+    async def sample(self, prompt_ids, max_new_tokens, seed=None):
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(list(prompt_ids), max_new_tokens, future))
+        self._queue.append(_Request(list(prompt_ids), max_new_tokens, seed, future))
         self.n_requests += 1
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
@@ -147,12 +151,14 @@ class Batcher:
             batch = self._queue[: self.max_batch_size]
             self._queue = self._queue[self.max_batch_size :]
             max_new_tokens = max(r.max_new_tokens for r in batch)
+            seeds = [r.seed for r in batch]
+            extra = {"seeds": seeds} if any(s is not None for s in seeds) else {}
             self.n_sampling_calls += 1
             try:
                 # The model runs in a worker thread so REPLs and sub-calls keep moving meanwhile.
                 samples = await asyncio.to_thread(
                     self.policy.sample, [r.prompt_ids for r in batch], max_new_tokens=max_new_tokens,
-                    temperature=self.temperature, top_p=self.top_p)
+                    temperature=self.temperature, top_p=self.top_p, **extra)
             except Exception as e:  # a failed batch fails its requests, never the worker
                 for r in batch:
                     if not r.future.done():
@@ -228,7 +234,9 @@ LAST_TURN = "You are out of turns. Reply with FINAL(your answer) now."
 class _RolloutState:
     """Mutable bookkeeping shared by every call of one rollout."""
 
-    def __init__(self):
+    def __init__(self, seed):
+        self.seed = seed
+        self.paths = {}  # call id -> its path in the tree, e.g. (0, 2): the root's third sub-call's first
         self.calls = []
         self.generated = 0  # sampled so far
         self.reserved = 0  # asked for by samples in flight
@@ -258,8 +266,9 @@ class RLM:
         self.preview_chars = preview_chars
         self.on_sample = on_sample  # callback(n_tokens) for progress displays
 
-    async def run(self, query, context):
-        state = _RolloutState()
+    async def run(self, query, context, seed=None):
+        """One rollout. With a seed, its samples are reproducible whatever else runs beside it."""
+        state = _RolloutState(seed)
         answer = await self._rlm_call(state, query, context, depth=0, parent=None, kind="root")
         for call in reversed(state.calls):  # children come after their parents
             _finish_cost(call, state.calls)
@@ -277,9 +286,13 @@ class RLM:
                 "the token budget of this rollout is spent" if remaining <= 0
                 else "this call's conversation has filled the model's context window")
         state.reserved += n
+        seed = None
+        if state.seed is not None:
+            path = f"{state.seed}/{state.paths[call.id]}/{len(call.prompt_lengths)}"
+            seed = zlib.crc32(path.encode())
         call.prompt_lengths.append(len(call.token_ids))
         try:
-            sample = await self.batcher.sample(call.token_ids, n)
+            sample = await self.batcher.sample(call.token_ids, n, seed)
         finally:
             state.reserved -= n
         state.generated += len(sample.token_ids)
@@ -290,6 +303,9 @@ class RLM:
 
     def _new_call(self, state, parent, kind, depth, query):
         call = Call(id=len(state.calls), parent=parent, kind=kind, depth=depth, query=query, started=time.time())
+        siblings = sum(c.parent == parent for c in state.calls) if parent is not None else 0
+        # Requests from one REPL arrive in the order its code made them, so paths are stable.
+        state.paths[call.id] = () if parent is None else state.paths[parent] + (siblings,)
         state.calls.append(call)
         return call
 

@@ -55,7 +55,7 @@ class ScriptedPolicy:
     def followup_ids(self, user_text, ended_with_eos):
         return ([] if ended_with_eos else [EOS]) + encode(f"<user>{user_text}<assistant>")
 
-    def sample(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None):
+    def sample(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None, seeds=None):
         with self._lock:
             self.batch_sizes.append(len(prompts))
             self.prompts += [list(p) for p in prompts]

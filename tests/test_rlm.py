@@ -264,3 +264,19 @@ def test_tiny_real_model_end_to_end(tiny_policy):
             scored = tiny_policy.logprobs(ids, torch.ones_like(ids), mask)
         sampled = torch.tensor(root.sampling_logprobs)[mask[0]]
         assert torch.allclose(scored[0][mask[0]], sampled, atol=1e-3)
+
+
+def test_a_seeded_rollout_does_not_depend_on_what_runs_beside_it(tiny_policy):
+    def make():
+        return RLM(Batcher(tiny_policy), max_turns=1, max_new_tokens=16, max_generated_tokens=100)
+
+    async def alone():
+        return await make().run("Where is the key?", "key " * 100, seed=11)
+
+    async def crowded():
+        rlm = make()
+        runs = [rlm.run("Where is the key?", "key " * 100, seed=s) for s in (3, 11, 5)]
+        return (await asyncio.gather(*runs))[1]
+
+    a, b = asyncio.run(alone()), asyncio.run(crowded())
+    assert [c.token_ids for c in a.calls] == [c.token_ids for c in b.calls]

