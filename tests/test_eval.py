@@ -1,0 +1,69 @@
+"""eval.py end to end: a scripted policy that really solves needle tasks, and a tiny model."""
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+
+import eval as evaluation
+from rlm import Batcher
+from scripted import ScriptedPolicy, parse, repl_block
+
+SOLVER = repl_block(
+    "import re\n"
+    "key = re.search(r'number for (\\S+) mentioned', query).group(1)\n"
+    "FINAL(re.search(re.escape(key) + r' is (\\d+)', context).group(1))")
+
+
+def needle_solver(text):
+    """RLM calls search the context with code; a direct prompt gets a confident wrong guess."""
+    return SOLVER if parse(text)["kind"] == "rlm" else "1234567"
+
+
+def test_evaluate_scores_what_the_model_produced_for_every_method_and_length():
+    suite = evaluation.held_out_suite(["niah"], [2000, 6000], n=2, seed=7)
+    policy = ScriptedPolicy(needle_solver)
+    records = asyncio.run(evaluation.evaluate(Batcher(policy), suite, list(evaluation.METHODS), progress=False))
+    assert len(records) == 2 * 2 * len(evaluation.METHODS)
+    for r in records:
+        if r["method"] == "direct":
+            assert r["answer"] == "1234567" and r["correctness"] == 0.0
+        else:
+            assert r["answer"] == str(r["truth"]) and r["correctness"] == 1.0
+        assert r["reward"] < r["correctness"]  # every method pays for its tokens
+    rows = evaluation.summarize(records)
+    assert [(r["method"], r["length"]) for r in rows] == [(m, n) for m in evaluation.METHODS for n in (2000, 6000)]
+    table = evaluation.format_table(rows)
+    assert "rlm-depth1" in table and "direct" in table
+
+
+def test_direct_says_when_the_context_was_cut():
+    policy = ScriptedPolicy(lambda text: "x")
+    small = asyncio.run(evaluation.direct_answer(Batcher(policy), "q?", "short context", context_window=2048))
+    big = asyncio.run(evaluation.direct_answer(Batcher(policy), "q?", "word " * 5000, context_window=2048))
+    assert not small.cut and big.cut
+    assert len(policy.prompts[-1]) <= 2048 - 128  # the cut prompt fits the window with room to answer
+    assert "Question: q?" in policy.decode(policy.prompts[-1])  # the question survives the cut
+
+
+def test_no_answer_scores_zero_and_is_never_filled_in():
+    suite = evaluation.held_out_suite(["niah"], [2000], n=1, seed=3)
+    policy = ScriptedPolicy(lambda text: repl_block("print('thinking')"))
+    [record] = asyncio.run(evaluation.evaluate(Batcher(policy), suite, ["rlm"], {"max_turns": 1}, progress=False))
+    assert record["answer"] is None and record["correctness"] == 0.0
+
+
+def test_eval_script_runs_on_a_tiny_model(tmp_path, tiny_policy):
+    model_dir = tmp_path / "model"
+    tiny_policy.model.get_base_model().save_pretrained(model_dir)
+    tiny_policy.tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "eval.json"
+    result = subprocess.run(
+        [sys.executable, "eval.py", "--model", str(model_dir), "--tasks", "niah", "--lengths", "2000", "--n", "1",
+         "--max-turns", "1", "--max-new-tokens", "16", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^rlm-sync\s+2,000\s+1\s", result.stdout, re.MULTILINE)
+    report = json.loads(out.read_text())
+    assert {r["method"] for r in report["summary"]} == set(evaluation.METHODS)
