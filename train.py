@@ -199,6 +199,20 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def summarize_rollouts(rollouts, rewards):
+    """Means over a step's rollouts: each reward term, accuracy, and what the answers cost."""
+    costs = [r.cost for r in rollouts]
+    return {**{k: mean([r[k] for r in rewards]) for k in rewards[0]},
+            "accuracy": mean([r["correctness"] for r in rewards]),
+            "answered": mean([r.answer is not None for r in rollouts]),
+            "prompt_tokens": mean([c.prompt_tokens for c in costs]),
+            "generated_tokens": mean([c.generated_tokens for c in costs]),
+            "llm_query": mean([c.sub_calls["llm_query"] for c in costs]),
+            "rlm_query": mean([c.sub_calls["rlm_query"] for c in costs]),
+            "depth": mean([c.depth for c in costs]),
+            "critical_path": mean([c.critical_path_tokens for c in costs])}
+
+
 def save_checkpoint(policy, optimizer, step, cfg):
     path = os.path.join(cfg["out_dir"], "checkpoint")
     policy.save_adapter(os.path.join(path, "adapter"))
@@ -256,24 +270,13 @@ def main(argv=None):
             rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step))
             t1 = time.time()
             rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
-            with DeferInterrupt():
-                metrics = update(policy, optimizer, rollouts, [r["reward"] for r in rewards], cfg)
+            with DeferInterrupt():  # the update and its log line land together or not at all
+                stats = update(policy, optimizer, rollouts, [r["reward"] for r in rewards], cfg)
+                metrics = {"step": step + 1, **summarize_rollouts(rollouts, rewards), "rollout_seconds": t1 - t0,
+                           "update_seconds": time.time() - t1, **stats, "lr": optimizer.param_groups[0]["lr"]}
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
                 done = step + 1
-            t2 = time.time()
-            costs = [r.cost for r in rollouts]
-            metrics = {"step": step + 1, **{k: mean([r[k] for r in rewards]) for k in rewards[0]},
-                       "accuracy": mean([r["correctness"] for r in rewards]),
-                       "answered": mean([r.answer is not None for r in rollouts]),
-                       "prompt_tokens": mean([c.prompt_tokens for c in costs]),
-                       "generated_tokens": mean([c.generated_tokens for c in costs]),
-                       "llm_query": mean([c.sub_calls["llm_query"] for c in costs]),
-                       "rlm_query": mean([c.sub_calls["rlm_query"] for c in costs]),
-                       "depth": mean([c.depth for c in costs]),
-                       "critical_path": mean([c.critical_path_tokens for c in costs]),
-                       "rollout_seconds": t1 - t0, "update_seconds": t2 - t1, **metrics,
-                       "lr": optimizer.param_groups[0]["lr"]}
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
             write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             tokens=f"{metrics['generated_tokens']:.0f}")

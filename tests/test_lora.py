@@ -293,3 +293,23 @@ def test_seeded_samples_do_not_depend_on_the_batch_they_share(tiny_policy):
     mask[0, len(a):] = True
     scored = tiny_policy.logprobs(ids, torch.ones_like(ids), mask)[mask]
     assert torch.allclose(scored, torch.tensor(alone.logprobs), atol=1e-4)
+
+
+def test_sampling_on_merged_weights_matches_scoring_and_restores_the_base():
+    policy = make_tiny_policy(seed=5)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained-looking adapter, so merging changes the weights
+    base_before = {n: p.clone() for n, p in policy.model.named_parameters() if "lora_" not in n}
+    prompt = policy.chat_ids([{"role": "user", "content": "Count to ten."}])
+    [s] = policy.sample([prompt], max_new_tokens=16, seeds=[1])
+    ids = torch.tensor([prompt + s.token_ids])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(prompt):] = True
+    with torch.no_grad():
+        scored = policy.logprobs(ids, torch.ones_like(ids), mask)[mask]
+    assert torch.allclose(scored, torch.tensor(s.logprobs), atol=1e-4)
+    for n, p in policy.model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), n
