@@ -36,7 +36,8 @@ METHODS = {
 }
 
 # RLM settings for evaluation; train.py passes its own
-DEFAULT_RLM = dict(max_depth=2, max_turns=4, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=2048)
+# CPU-sized, so that `python eval.py` takes minutes; raise them on a GPU.
+DEFAULT_RLM = dict(max_depth=2, max_turns=2, max_new_tokens=128, max_sub_calls=8, max_generated_tokens=768)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def main():
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder")
     parser.add_argument("--tasks", default="niah,multihop", help=f"comma-separated, from {','.join(FAMILIES)}")
     parser.add_argument("--lengths", default="4000,16000", help="context lengths in characters, comma-separated")
-    parser.add_argument("--n", type=int, default=2, help="tasks per family and length")
+    parser.add_argument("--n", type=int, default=1, help="tasks per family and length")
     parser.add_argument("--seed", type=int, default=10**6, help="first task seed (held out from training)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead")

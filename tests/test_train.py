@@ -125,3 +125,14 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY_RUN + ["--resume", "--out_dir", str(tmp_path)])
     assert "run without --resume" in str(exit_info.value)
+
+
+def test_several_epochs_and_a_kl_term_are_measured():
+    policy = make_tiny_policy(seed=6)
+    rollouts = sampled_rollouts(policy)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    first = train.update(policy, optimizer, rollouts, [1.0, 0.0], config(epochs=3, beta=0.1))
+    assert first["kl"] is not None and first["kl"] > 0  # the adapter moved away from the base in epochs 2-3
+    assert first["clip_fraction"] >= 0.0
+    no_ref = train.update(policy, optimizer, rollouts, [1.0, 0.0], config())
+    assert no_ref["kl"] is None  # beta = 0: no reference pass, so nothing is claimed
