@@ -21,6 +21,9 @@ import argparse
 import asyncio
 import json
 import os
+
+# Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
 from dataclasses import dataclass
 

@@ -22,6 +22,9 @@ import argparse
 import asyncio
 import json
 import os
+
+# Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
 import signal
 import sys
@@ -68,7 +71,7 @@ grad_clip = 1.0
 eps_low = 0.2  # clip range of the ratio, below
 eps_high = 0.28  # and above (a little wider, to leave room for exploration)
 beta = 0.0  # weight of the k3 KL to the base model (0 = no reference pass, and no KL logged)
-gradient_checkpointing = False  # recompute activations in backward: less memory, ~30% more time
+gradient_checkpointing = True  # recompute activations in backward: far less memory, ~30% more time
 lora_rank = 16
 lora_alpha = 32
 # bookkeeping
@@ -78,7 +81,7 @@ eval_n = 1  # tasks per family and length in an evaluation (0 = no evaluation)
 
 GPU_SIZED = dict(steps=200, tasks_per_step=8, group_size=8, families="niah,multihop,aggregate",
                  lengths="8000,32000,128000", max_turns=6, max_new_tokens=512, max_sub_calls=32,
-                 max_generated_tokens=4096, micro_batch_tokens=32768, gradient_checkpointing=True, checkpoint_every=20, eval_every=20,
+                 max_generated_tokens=4096, micro_batch_tokens=32768, checkpoint_every=20, eval_every=20,
                  eval_n=4)
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
@@ -88,7 +91,7 @@ def parse_config(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in DEFAULTS.items():
         if isinstance(value, bool):
-            parser.add_argument(f"--{name}", action="store_true", default=None)
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = str if value is None else type(value)
             parser.add_argument(f"--{name}", type=kind, default=None, help=f"default: {value}")

@@ -1,0 +1,534 @@
+"""
+Speed and memory of the hot paths, each a ratio against a baseline measured in the same run.
+
+    python bench.py                                   # default model on CPU: under 10 minutes on 2 cores
+    python bench.py --only fanout,batcher --repeats 5
+    python bench.py --tiny                            # tiny random model, tiny sizes: seconds
+    python bench.py --model HuggingFaceTB/SmolLM2-360M-Instruct --out out/bench-360m.json
+
+A ratio of two things timed side by side holds on a noisy, shared machine where absolute
+times do not; absolute times are printed beside it, with the device. Timings are medians
+of --repeats runs after a warm-up, the two sides alternating so that noise hits both.
+OpenMP threads are told to sleep, not spin, while they wait (OMP_WAIT_POLICY=PASSIVE unless
+set): on a busy shared CPU spinning threads stall each other and times jump 20-fold.
+
+  fanout   one RLM rollout whose root sends K llm_query sub-calls, one per chunk of the
+           context: async sub-calls batched by the Batcher vs the same calls one after
+           another (RLM(..., allow_async=False), the original RLM). The root's reply is
+           fixed code, not sampled, and every sub-call samples exactly --new-tokens tokens
+           (end-of-turn suppressed), so both sides generate the same tokens.
+  batcher  tokens/s of concurrent Batcher.sample requests (-> one policy.sample) vs one
+           raw model.generate call on the same prompts and settings.
+  memory   peak memory of Policy.logprobs (logits only where needed, in chunks) vs the
+           plain way (logits for every position over the whole vocabulary, then
+           log-softmax), on random token ids, every position scored; results must agree
+           to 1e-4. Both as training scores them: with grad (the loss's forward pass;
+           its graph is alive at the peak) and without (old and reference log-probs).
+           Each side runs in a fresh process (glibc told to map every allocation of 64 KiB
+           or more on its own, so RSS follows live tensors): after loading and a 16-token
+           warm-up, the peak RSS (Linux VmHWM, reset through /proc/self/clear_refs) minus
+           the RSS before scoring; on CUDA, torch.cuda.max_memory_allocated minus the
+           memory allocated before. On CPU the default is 2 x 1024 tokens, not 8 x 2048
+           (which would need ~29 GB with grad).
+  repl     REPL start vs starting a bare `python -I -S -c pass`; a trivial execute
+           round trip vs echoing one line through a pipe to a child process; starting a
+           REPL with a 50M-character context vs piping the same characters to a fresh
+           python that decodes them.
+  tasks    tasks.make_task of 10M characters per family vs joining 10M characters of
+           random words (random.choices + str.join).
+  train    one step of train.py's configuration, split into rollouts and update (once,
+           no warm-up). On CPU the step has one task and a group of 2 rollouts instead of
+           2 x 4, to fit the 10 minutes; --train-argv "" runs train.py's full default step.
+"""
+
+import argparse
+import asyncio
+import copy
+import gc
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# set before torch loads; OMP_WAIT_POLICY=ACTIVE in the environment overrides it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+import lora  # noqa: E402
+import tasks  # noqa: E402
+from repl import REPL  # noqa: E402
+from rlm import RLM, Batcher  # noqa: E402
+
+BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "train")
+DEFAULTS = dict(repeats=3, fanout_k="1,4,8,16", new_tokens=32, chunk_chars=400, batch=8, score_batch=8,
+                score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="")
+# On CPU, 8 x 2048 scored tokens would need ~29 GB with grad, and a full training step takes ~7 minutes.
+CPU_SIZES = dict(score_batch=2, score_len=1024, train_argv="--tasks_per_step 1 --group_size 2")
+TINY = dict(repeats=1, fanout_k="1,4", new_tokens=8, chunk_chars=100, batch=4, score_batch=2, score_len=64,
+            context_chars=1_000_000, task_chars=100_000,
+            train_argv="--tasks_per_step 1 --group_size 2 --max_turns 1 --max_new_tokens 24 "
+                       "--max_generated_tokens 96 --lengths 2000")
+
+
+# -----------------------------------------------------------------------------
+# Timing and the table
+
+
+def measure(sides, repeats, warmup=True):
+    """{name: fn} -> {name: [seconds]}: a warm-up of each side, then rounds alternating between sides."""
+    for fn in sides.values() if warmup else ():
+        fn()
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def row(bench, what, measured, baseline, ratio, target=None, **details):
+    """One line of the table. target: (">=" or "<=", threshold) on the ratio, or None."""
+    met = None if target is None else (ratio >= target[1] if target[0] == ">=" else ratio <= target[1])
+    return dict(bench=bench, what=what, measured=measured, baseline=baseline, ratio=ratio,
+                target=None if target is None else f"{target[0]} {target[1]:g}", met=met, **details)
+
+
+def format_table(rows):
+    head = ("benchmark", "measured", "baseline", "ratio", "target", "result")
+    lines = [(f"{r['bench']}: {r['what']}", r["measured"], r["baseline"], f"{r['ratio']:.3g}",
+              r["target"] or "-", {True: "met", False: "MISSED", None: "-"}[r["met"]]) for r in rows]
+    widths = [max(len(x[i]) for x in [head] + lines) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*x) for x in lines])
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+
+def text(n_chars, seed=0):
+    """Prose of exactly n_chars characters (a niah haystack, repeated past 1M characters)."""
+    piece = tasks.make_task("niah", min(max(n_chars, 1000), 1_000_000), seed=seed).context
+    return (piece * (n_chars // len(piece) + 1))[:n_chars]
+
+
+# -----------------------------------------------------------------------------
+# Policies that make both sides of a comparison do the same work
+
+
+def without_end_of_turn(policy):
+    """A view of the policy whose samples never stop early: each is exactly max_new_tokens long."""
+    forced = copy.copy(policy)
+    vocab = policy.model.get_base_model().get_output_embeddings().weight.shape[0]
+    forced.eos_token_ids = [vocab]  # an id the model cannot draw
+    return forced
+
+
+class CannedRoot:
+    """The policy, except that the root call's first reply is fixed code (no model call)
+    and every sub-call samples exactly `sub_call_tokens` tokens."""
+
+    def __init__(self, policy, code, sub_call_tokens):
+        self.policy, self.forced, self.sub_call_tokens = policy, without_end_of_turn(policy), sub_call_tokens
+        self.reply_ids = policy.encode(f"```repl\n{code}\n```") + policy.eos_token_ids[:1]
+        self.root_prompts = set()  # the ids chat_ids gave for a root call (it has a system message)
+        self.model_calls = 0  # sampling calls that reached the model
+
+    def __getattr__(self, name):  # decode, followup_ids, eos_token_ids, ...: the real policy's
+        return getattr(self.policy, name)
+
+    def chat_ids(self, messages):
+        ids = self.policy.chat_ids(messages)
+        if messages[0]["role"] == "system":
+            self.root_prompts.add(tuple(ids))
+        return ids
+
+    def sample(self, prompts, max_new_tokens=256, seeds=None, **settings):
+        is_root = [tuple(p) in self.root_prompts for p in prompts]
+        to_model = [p for p, root in zip(prompts, is_root) if not root]
+        if seeds is not None:
+            settings["seeds"] = [s for s, root in zip(seeds, is_root) if not root]
+        drawn = iter(self.forced.sample(to_model, max_new_tokens=self.sub_call_tokens, **settings) if to_model else [])
+        self.model_calls += bool(to_model)
+        canned = lora.Sample(self.reply_ids, [0.0] * len(self.reply_ids), "stop")
+        return [canned if root else next(drawn) for root in is_root]
+
+
+# -----------------------------------------------------------------------------
+# 1. Async fan-out vs sequential sub-calls
+
+
+def fanout_code(k, batched):
+    ask = ('llm_query_batched([f"Summarize: {c}" for c in chunks])' if batched
+           else '[llm_query(f"Summarize: {c}") for c in chunks]')
+    return (f"n = len(context) // {k}\nchunks = [context[i * n:(i + 1) * n] for i in range({k})]\n"
+            f"summaries = {ask}\nFINAL(len(summaries))")
+
+
+def fanout_rollout(policy, k, new_tokens, context, allow_async):
+    canned = CannedRoot(policy, fanout_code(k, batched=allow_async), new_tokens)
+    rlm = RLM(Batcher(canned), max_new_tokens=256, max_sub_calls=k, max_generated_tokens=256 * (k + 2),
+              allow_async=allow_async, max_turns=1)
+    rollout = asyncio.run(rlm.run("Summarize each chunk.", context))
+    if rollout.answer != str(k):
+        raise RuntimeError(f"the fan-out rollout did not finish its {k} sub-calls: {rollout.answer!r}")
+    sub_calls = [c for c in rollout.calls if c.kind == "llm_query"]
+    return dict(sub_calls=len(sub_calls), tokens=sum(sum(c.sampled_mask) for c in sub_calls),
+                prompt_tokens=sum(c.prompt_lengths[0] for c in sub_calls), model_calls=canned.model_calls)
+
+
+def bench_fanout(policy, ks, new_tokens, chunk_chars, repeats):
+    rows, warm = [], False
+    for k in ks:
+        context = text(k * chunk_chars, seed=k)
+        stats = {}
+        sides = {side: lambda side=side: stats.__setitem__(side, fanout_rollout(
+            policy, k, new_tokens, context, allow_async=side == "async")) for side in ("async", "sync")}
+        times = measure(sides, repeats, warmup=not warm)
+        warm = True
+        a, s = statistics.median(times["async"]), statistics.median(times["sync"])
+        prompt = stats["sync"]["prompt_tokens"] // k
+        rows.append(row("fanout", f"K={k} sub-calls of {prompt}+{new_tokens} tokens", baseline=(
+            f"one at a time {s:.2f} s: {stats['sync']['tokens']} tok, {stats['sync']['model_calls']} model calls"),
+            measured=f"async {a:.2f} s: {stats['async']['tokens']} tok, {stats['async']['model_calls']} model calls",
+            ratio=s / a, target=(">=", 4.0) if k == 8 else None, seconds=a, baseline_seconds=s,
+            async_stats=stats["async"], sync_stats=stats["sync"], times=times))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 2. Batcher overhead vs one raw generate
+
+
+def bench_batcher(policy, batch, new_tokens, chunk_chars, repeats):
+    forced = without_end_of_turn(policy)
+    chunks = [text(chunk_chars * (i + 1) // batch, seed=i) for i in range(batch)]
+    prompts = [policy.chat_ids([{"role": "user", "content": f"Summarize: {c}"}]) for c in chunks]
+    # lengths differ, so padding is part of the work
+    counts = {}
+
+    def via_batcher():
+        async def requests():
+            batcher = Batcher(forced)
+            return await asyncio.gather(*[batcher.sample(p, new_tokens) for p in prompts])
+        counts["batcher"] = sum(len(s.token_ids) for s in asyncio.run(requests()))
+
+    T = max(len(p) for p in prompts)  # left padding, as policy.sample does
+    input_ids_BT = torch.tensor([[policy.pad_token_id] * (T - len(p)) + p for p in prompts], device=policy.device)
+    attention_mask_BT = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=policy.device)
+
+    @torch.no_grad()
+    def raw_generate():
+        policy.model.eval()
+        out = policy.model.generate(input_ids=input_ids_BT, attention_mask=attention_mask_BT,
+                                    max_new_tokens=new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                    eos_token_id=forced.eos_token_ids, pad_token_id=policy.pad_token_id, use_cache=True)
+        counts["raw"] = out[:, T:].numel()
+
+    times = measure({"batcher": via_batcher, "raw": raw_generate}, repeats)
+    b, r = statistics.median(times["batcher"]), statistics.median(times["raw"])
+    tps_b, tps_r = counts["batcher"] / b, counts["raw"] / r
+    return [row("batcher", f"{batch} concurrent requests, {new_tokens} tokens each", ratio=tps_b / tps_r,
+                measured=f"Batcher {tps_b:.1f} tok/s ({counts['batcher']} tok)",
+                baseline=f"model.generate {tps_r:.1f} tok/s ({counts['raw']} tok)", target=(">=", 0.9),
+                tokens=counts["batcher"], baseline_tokens=counts["raw"], seconds=b, baseline_seconds=r, times=times)]
+
+
+# -----------------------------------------------------------------------------
+# 3. Scoring memory: Policy.logprobs vs full logits, each side in a fresh process
+
+
+def plain_logprobs(policy, input_ids_BT, attention_mask_BT, loss_mask_BT, temperature=1.0):
+    """The textbook way: logits at every position over the whole vocabulary, then log-softmax."""
+    logits_BTV = policy.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits.float() / temperature
+    logprobs_BT = logits_BTV[:, :-1].log_softmax(-1).gather(-1, input_ids_BT[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(logprobs_BT, (1, 0)) * loss_mask_BT
+
+
+def memory_child(spec):
+    """Runs in a fresh process: load, build the batch, reset the peak, score, report."""
+    policy = lora.load_policy(spec["folder"])
+    torch.manual_seed(0)
+    vocab = policy.model.get_base_model().get_output_embeddings().weight.shape[0]
+    input_ids_BT = torch.randint(vocab, (spec["batch"], spec["seq_len"]), device=policy.device)
+    attention_mask_BT = torch.ones_like(input_ids_BT)
+    loss_mask_BT = torch.ones_like(input_ids_BT)
+    score = policy.logprobs if spec["side"] == "chunked" else lambda *a: plain_logprobs(policy, *a)
+    with torch.set_grad_enabled(spec["grad"]):  # a small warm-up: code pages, thread pools, caches
+        score(input_ids_BT[:1, :16], attention_mask_BT[:1, :16], loss_mask_BT[:1, :16])
+    gc.collect()
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    elif not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("peak memory on CPU is read from Linux's /proc/self; on another system run the "
+                           "memory benchmark on CUDA, or leave it out with --only")
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak RSS (VmHWM) starts again from the current RSS
+        before = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    with torch.set_grad_enabled(spec["grad"]):
+        logprobs_BT = score(input_ids_BT, attention_mask_BT, loss_mask_BT)
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            peak = _status_bytes("VmHWM") - before
+    seconds = time.perf_counter() - t0
+    torch.save(logprobs_BT.detach().cpu(), spec["result"])
+    print(json.dumps({"peak_bytes": peak, "seconds": seconds}))
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+# glibc gives every allocation of 64 KiB or more its own mapping and unmaps it on free, so the
+# RSS follows the live tensors instead of whatever the heap kept (which varies run to run by 2x).
+CHILD_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+
+
+def bench_memory(folder, batch, seq_len, grads=(True, False)):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for grad in grads:
+            out = {}
+            for side in ("chunked", "plain"):
+                spec = dict(folder=folder, batch=batch, seq_len=seq_len, grad=grad, side=side,
+                            result=os.path.join(tmp, f"{side}.pt"))
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)],
+                                      capture_output=True, text=True, env=CHILD_ENV)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"the memory measurement ({side}, grad={grad}) failed:\n{proc.stderr[-3000:]}")
+                out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+                out[side]["logprobs_BT"] = torch.load(spec["result"])
+            diff = (out["chunked"]["logprobs_BT"] - out["plain"]["logprobs_BT"]).abs().max().item()
+            c, p = out["chunked"]["peak_bytes"], out["plain"]["peak_bytes"]
+            rows.append(row("memory", f"scoring {batch}x{seq_len} tokens, {'with' if grad else 'no'} grad",
+                            measured=f"Policy.logprobs {c / 2**20:,.0f} MB", ratio=c / p, target=("<=", 0.25),
+                            baseline=f"full logits {p / 2**20:,.0f} MB (max diff {diff:.1e})",
+                            peak_bytes=c, baseline_peak_bytes=p, max_abs_diff=diff, agree=diff <= 1e-4,
+                            seconds=out["chunked"]["seconds"], baseline_seconds=out["plain"]["seconds"]))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 4. The REPL vs bare processes and pipes
+
+ECHO = "import sys\nfor line in sys.stdin:\n    sys.stdout.write(line)\n    sys.stdout.flush()"
+DRAIN = "import sys\nsys.stdout.write(str(len(sys.stdin.buffer.read().decode())))"
+
+
+def bench_repl(context_chars, repeats):
+    python = [sys.executable, "-I", "-S", "-c"]
+    pipe = asyncio.subprocess.PIPE
+    big = text(context_chars)
+
+    async def repl_start(context):
+        repl = REPL(context)
+        await repl.start()
+        await repl.close()
+
+    async def bare_start():
+        await (await asyncio.create_subprocess_exec(*python, "pass")).wait()
+
+    async def pipe_load():
+        proc = await asyncio.create_subprocess_exec(*python, DRAIN, stdin=pipe, stdout=pipe)
+        n, _ = await proc.communicate(big.encode())
+        assert int(n) == len(big)
+
+    async def round_trips(n):
+        samples = {"repl": [], "pipe": []}
+        async with REPL("") as repl:
+            echo = await asyncio.create_subprocess_exec(*python, ECHO, stdin=pipe, stdout=pipe)
+            for _ in range(n + 1):  # the first of each is a warm-up
+                t0 = time.perf_counter()
+                await repl.execute("x = 1")
+                t1 = time.perf_counter()
+                echo.stdin.write(b"x = 1\n")
+                await echo.stdin.drain()
+                await echo.stdout.readline()
+                samples["repl"].append(t1 - t0)
+                samples["pipe"].append(time.perf_counter() - t1)
+            echo.stdin.close()
+            await echo.wait()
+        return {k: v[1:] for k, v in samples.items()}
+
+    starts = measure({"repl": lambda: asyncio.run(repl_start("")), "bare": lambda: asyncio.run(bare_start())},
+                     max(repeats, 5))
+    trips = asyncio.run(round_trips(20 * repeats))
+    loads = measure({"repl": lambda: asyncio.run(repl_start(big)), "pipe": lambda: asyncio.run(pipe_load())}, repeats)
+    rows = []
+    for what, t, base, label in [("start", starts["repl"], starts["bare"], "python -I -S -c pass"),
+                                 ("execute('x = 1') round trip", trips["repl"], trips["pipe"], "echo a line via a pipe"),
+                                 (f"start with a {context_chars:,}-char context", loads["repl"], loads["pipe"],
+                                  "pipe it to python")]:
+        m, b = statistics.median(t), statistics.median(base)
+        rows.append(row("repl", what, measured=f"{m * 1e3:.3g} ms", baseline=f"{label} {b * 1e3:.3g} ms",
+                        ratio=m / b, seconds=m, baseline_seconds=b))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# 5. Task generation vs joining random words
+
+
+def bench_tasks(task_chars, repeats):
+    words = "the quick brown fox jumps over a lazy dog near river bank at dawn".split()
+
+    def random_words():
+        rng = random.Random(0)
+        return " ".join(rng.choices(words, k=task_chars // 4))[:task_chars]  # ~4 chars a word with its space
+
+    makers = {f: lambda f=f: tasks.make_task(f, task_chars, seed=0) for f in tasks.FAMILIES}
+    times = {k: statistics.median(v) for k, v in measure({"baseline": random_words, **makers}, repeats).items()}
+    b = times["baseline"]
+    return [row("tasks", f"make_task {f} {task_chars:,} chars", measured=f"{times[f]:.3f} s",
+                baseline=f"random words {b:.3f} s", ratio=times[f] / b, seconds=times[f], baseline_seconds=b)
+            for f in tasks.FAMILIES]
+
+
+# -----------------------------------------------------------------------------
+# 6. One training step, rollouts vs update
+
+
+def bench_train(policy, train_argv):
+    import train
+    from reward import RewardConfig, reward_for
+
+    cfg = train.parse_config(train_argv)
+    params = policy.trainable_parameters()
+    saved = [p.detach().clone() for p in params]  # the step changes the adapter; put it back afterwards
+    torch.manual_seed(cfg["seed"] * 100_003)
+    step_tasks = train.step_tasks(cfg, 0)
+    rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **{k: cfg[k] for k in (
+        "max_depth", "max_turns", "max_new_tokens", "max_sub_calls", "max_generated_tokens")})
+    t0 = time.perf_counter()
+    rollouts = asyncio.run(train.collect(rlm, step_tasks, seed=cfg["seed"] * 100_003))
+    t1 = time.perf_counter()
+    reward_config = RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
+    rewards = [reward_for(task, r, reward_config)["reward"] for task, r in zip(step_tasks, rollouts)]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    metrics = train.update(policy, optimizer, rollouts, rewards, cfg)
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    rollout_s, update_s, step_s = t1 - t0, t2 - t1, t2 - t0
+    generated = sum(r.cost.generated_tokens for r in rollouts)
+    return [row("train", f"rollouts ({len(rollouts)}, {generated} generated tokens)", measured=f"{rollout_s:.1f} s",
+                baseline=f"whole step {step_s:.1f} s", ratio=rollout_s / step_s, seconds=rollout_s,
+                generated_tokens=generated),
+            row("train", f"update ({metrics['train_rows']} rows, {metrics['train_tokens']} trained tokens)",
+                measured=f"{update_s:.1f} s", baseline=f"whole step {step_s:.1f} s", ratio=update_s / step_s,
+                seconds=update_s, **{k: metrics[k] for k in ("train_rows", "train_tokens")})]
+
+
+# -----------------------------------------------------------------------------
+
+
+def load(model, tiny, save_to=None):
+    """The bench's policy: the tiny random model (as in tests/conftest.py) or a real one.
+    save_to: also write the bare model there, for the memory benchmark's fresh processes."""
+    device, dtype = lora.resolve_device_dtype()
+    if tiny:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+        from conftest import load_smollm_tokenizer, make_tiny_model
+        tokenizer = load_smollm_tokenizer()
+        hf_model = make_tiny_model(tokenizer)
+    else:
+        hf_model, tokenizer = lora.load_model(model, dtype)
+    if save_to:
+        hf_model.save_pretrained(save_to)
+        tokenizer.save_pretrained(save_to)
+    return lora.Policy.from_model(hf_model, tokenizer, device=device, dtype=dtype)
+
+
+def run(args):
+    only = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = set(only) - set(BENCHMARKS)
+    if unknown:
+        sys.exit(f"bench.py: unknown benchmarks {sorted(unknown)}; choose from {','.join(BENCHMARKS)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        t0 = time.perf_counter()
+        policy = load(args.model, args.tiny, save_to=folder if "memory" in only else None)
+        print(f"loaded {'a tiny random model' if args.tiny else args.model or lora.DEFAULT_MODEL} in "
+              f"{time.perf_counter() - t0:.0f} s on {device_name(policy.device)}", flush=True)
+        steps = {
+            "fanout": lambda: bench_fanout(policy, [int(k) for k in args.fanout_k.split(",")], args.new_tokens,
+                                           args.chunk_chars, args.repeats),
+            "batcher": lambda: bench_batcher(policy, args.batch, args.new_tokens, args.chunk_chars, args.repeats),
+            "memory": lambda: bench_memory(folder, args.score_batch, args.score_len),
+            "repl": lambda: bench_repl(args.context_chars, args.repeats),
+            "tasks": lambda: bench_tasks(args.task_chars, args.repeats),
+            "train": lambda: bench_train(policy, args.train_argv.split()),
+        }
+        for name in BENCHMARKS:  # in this order: train changes the adapter (and puts it back) last
+            if name in only:
+                t0 = time.perf_counter()
+                rows += steps[name]()
+                print(f"{name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows, policy.device
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=None, help=f"comma-separated, from {','.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--model", default=None, help="hub id or local path (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model and tiny sizes")
+    parser.add_argument("--out", default="out/bench.json", help="where the JSON goes")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    for name, value in DEFAULTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
+                            help=f"default: {value!r}" + (f" ({CPU_SIZES[name]} on CPU)" if name in CPU_SIZES else ""))
+    args = parser.parse_args(argv)
+    sizes = dict(DEFAULTS, **(TINY if args.tiny else {} if torch.cuda.is_available() else CPU_SIZES))
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(json.loads(args.memory_child))
+    started = time.time()
+    rows, device = run(args)
+    print(f"\ndevice: {device_name(device)}\n")
+    print(format_table(rows))
+    settings = {k: v for k, v in vars(args).items() if k not in ("memory_child",)}
+    command = " ".join(["python bench.py"] + (sys.argv[1:] if argv is None else argv))
+    report = dict(command=command, device=device_name(device),
+                  started=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                  seconds=time.time() - started, settings=settings, rows=rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    missed = [f"{r['bench']}: {r['what']}" for r in rows if r["met"] is False]
+    print(f"\n{len(rows)} figures in {time.time() - started:.0f} s; JSON in {args.out}"
+          + (f"; targets missed: {'; '.join(missed)}" if missed else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""bench.py in tiny configurations: each comparison does the same work on both sides (not its speed)."""
+
+import json
+
+import pytest
+import torch
+
+import bench
+from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
+
+
+def test_forced_length_samples_and_canned_root(tiny_policy):
+    prompt = tiny_policy.chat_ids([{"role": "user", "content": "hello"}])
+    forced = bench.without_end_of_turn(tiny_policy)
+    assert all(len(s.token_ids) == 7 for s in forced.sample([prompt, prompt[3:]], max_new_tokens=7))
+    canned = bench.CannedRoot(tiny_policy, "FINAL(1)", sub_call_tokens=5)
+    root = canned.chat_ids([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
+    first, second = canned.sample([root, prompt], max_new_tokens=100)
+    assert "```repl\nFINAL(1)\n```" in tiny_policy.decode(first.token_ids)
+    assert len(second.token_ids) == 5 and canned.model_calls == 1
+
+
+def test_fanout_both_sides_make_the_same_sub_calls_and_tokens(tiny_policy):
+    k, n = 4, 6
+    context = bench.text(k * 100)
+    fast = bench.fanout_rollout(tiny_policy, k, n, context, allow_async=True)
+    slow = bench.fanout_rollout(tiny_policy, k, n, context, allow_async=False)
+    assert fast["sub_calls"] == slow["sub_calls"] == k
+    assert fast["tokens"] == slow["tokens"] == k * n
+    assert fast["prompt_tokens"] == slow["prompt_tokens"]  # the same prompts
+    assert slow["model_calls"] == k and fast["model_calls"] < k  # one at a time vs batched
+    [r] = bench.bench_fanout(tiny_policy, [2], 4, 100, repeats=1)
+    assert r["ratio"] > 0 and r["async_stats"]["tokens"] == r["sync_stats"]["tokens"] == 8
+
+
+def test_batcher_and_raw_generate_produce_the_same_token_counts(tiny_policy):
+    [r] = bench.bench_batcher(tiny_policy, batch=3, new_tokens=5, chunk_chars=60, repeats=1)
+    assert r["tokens"] == r["baseline_tokens"] == 15
+    assert r["seconds"] > 0 and r["baseline_seconds"] > 0 and r["target"] == ">= 0.9"
+
+
+def test_plain_and_chunked_scoring_agree_in_process(tiny_policy):
+    torch.manual_seed(0)
+    input_ids_BT = torch.randint(1000, (2, 40))
+    attention_mask_BT = torch.ones_like(input_ids_BT)
+    loss_mask_BT = (torch.rand(2, 40) < 0.5).long()
+    chunked = tiny_policy.logprobs(input_ids_BT, attention_mask_BT, loss_mask_BT, chunk_size=16)
+    plain = bench.plain_logprobs(tiny_policy, input_ids_BT, attention_mask_BT, loss_mask_BT)
+    assert (chunked - plain).abs().max().item() < 1e-4
+
+
+def test_memory_measures_both_sides_in_fresh_processes(tmp_path):
+    tokenizer = load_smollm_tokenizer()
+    make_tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    [r] = bench.bench_memory(str(tmp_path), batch=2, seq_len=48, grads=(True,))
+    assert r["agree"] and r["max_abs_diff"] <= 1e-4
+    assert r["peak_bytes"] > 0 and r["baseline_peak_bytes"] > 0 and r["met"] in (True, False)
+
+
+def test_repl_and_tasks_give_positive_times():
+    rows = bench.bench_repl(context_chars=200_000, repeats=1) + bench.bench_tasks(20_000, repeats=1)
+    assert len(rows) == 3 + 4
+    assert all(r["seconds"] > 0 and r["baseline_seconds"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_training_step_reports_both_parts_and_restores_the_adapter():
+    policy = make_tiny_policy(seed=1)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    rollouts, update = bench.bench_train(policy, bench.TINY["train_argv"].split())
+    assert rollouts["seconds"] > 0 and update["seconds"] > 0
+    assert rollouts["ratio"] + update["ratio"] == pytest.approx(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
+
+
+def test_table_marks_missed_targets_and_main_writes_json(tmp_path, capsys):
+    rows = [bench.row("x", "fast", "1 s", "4 s", 4.0, target=(">=", 4.0)),
+            bench.row("x", "small", "9 MB", "10 MB", 0.9, target=("<=", 0.25)), bench.row("x", "info", "", "", 1.0)]
+    assert [r["met"] for r in rows] == [True, False, None]
+    table = bench.format_table(rows)
+    assert "MISSED" in table and "met" in table
+    out = tmp_path / "bench.json"
+    bench.main(["--tiny", "--only", "tasks", "--task-chars", "5000", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["device"] and len(report["rows"]) == 4 and report["settings"]["tiny"]
+    assert "make_task niah" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--only", "nonsense"])
