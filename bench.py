@@ -36,9 +36,9 @@ set): on a busy shared CPU spinning threads stall each other and times jump 20-f
            python that decodes them.
   tasks    tasks.make_task of 10M characters per family vs joining 10M characters of
            random words (random.choices + str.join).
-  train    one step of train.py's configuration, split into rollouts and update (once,
-           no warm-up). On CPU the step has one task and a group of 2 rollouts instead of
-           2 x 4, to fit the 10 minutes; --train-argv "" runs train.py's full default step.
+  train    one step of train.py's default configuration (on CPU: one task, a group of 4
+           rollouts), split into rollouts and update (once, no warm-up); --train-argv
+           passes train.py flags, e.g. --train-argv="--group_size 8".
 """
 
 import argparse
@@ -70,7 +70,7 @@ BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "train")
 DEFAULTS = dict(repeats=3, fanout_k="1,4,8,16", new_tokens=32, chunk_chars=400, batch=8, score_batch=8,
                 score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="")
 # On CPU, 8 x 2048 scored tokens would need ~29 GB with grad, and a full training step takes ~7 minutes.
-CPU_SIZES = dict(score_batch=2, score_len=1024, train_argv="--tasks_per_step 1 --group_size 2")
+CPU_SIZES = dict(score_batch=2, score_len=1024, train_argv="")
 TINY = dict(repeats=1, fanout_k="1,4", new_tokens=8, chunk_chars=100, batch=4, score_batch=2, score_len=64,
             context_chars=1_000_000, task_chars=100_000,
             train_argv="--tasks_per_step 1 --group_size 2 --max_turns 1 --max_new_tokens 24 "
