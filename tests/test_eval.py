@@ -24,7 +24,9 @@ def needle_solver(text):
 def test_evaluate_scores_what_the_model_produced_for_every_method_and_length():
     suite = evaluation.held_out_suite(["niah"], [2000, 6000], n=2, seed=7)
     policy = ScriptedPolicy(needle_solver)
-    records = asyncio.run(evaluation.evaluate(Batcher(policy), suite, list(evaluation.METHODS), progress=False))
+    settings = {"max_new_tokens": 256}  # the solver's code is longer than the CPU default reply
+    records = asyncio.run(evaluation.evaluate(Batcher(policy), suite, list(evaluation.METHODS), settings,
+                                              progress=False))
     assert len(records) == 2 * 2 * len(evaluation.METHODS)
     for r in records:
         if r["method"] == "direct":
