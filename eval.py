@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from reward import RewardConfig, compute_reward
-from rlm import RLM, Batcher, Cost
+from rlm import RLM, Batcher, Cost, strip_eos
 from tasks import FAMILIES, load_jsonl, make_suite, score
 
 METHODS = {
@@ -67,10 +67,9 @@ async def direct_answer(batcher, query, context, max_new_tokens=128, context_win
         text = text[: int(len(text) * (context_window - max_new_tokens) / len(ids) * 0.95)]
     start = time.time()
     sample = await batcher.sample(ids, max_new_tokens)
-    reply_ids = [t for t in sample.token_ids if t not in policy.eos_token_ids]
     cost = Cost(prompt_tokens=len(ids), generated_tokens=len(sample.token_ids),
                 critical_path_tokens=len(sample.token_ids), wall_seconds=time.time() - start)
-    return DirectResult(policy.decode(reply_ids).strip(), cost, cut)
+    return DirectResult(policy.decode(strip_eos(sample.token_ids, policy.eos_token_ids)).strip(), cost, cut)
 
 
 async def evaluate_one(batcher, task, method, length, rlm_settings, reward_config):

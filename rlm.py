@@ -322,7 +322,7 @@ class RLM:
         call.append(ids, False)
         try:
             sample = await self._generate(state, call, self.max_new_tokens)
-            call.answer = self.policy.decode(_strip_eos(sample.token_ids, self.policy.eos_token_ids)).strip()
+            call.answer = self.policy.decode(strip_eos(sample.token_ids, self.policy.eos_token_ids)).strip()
             call.turns.append({"reply": call.answer, "code": [], "observation": None, "sub_calls": []})
         finally:
             call.ended = time.time()
@@ -353,12 +353,12 @@ class RLM:
                         call.turns.append({"reply": None, "code": [], "observation": f"[stopped: {e}]",
                                            "sub_calls": []})
                         break
-                    reply = self.policy.decode(_strip_eos(sample.token_ids, self.policy.eos_token_ids))
+                    reply = self.policy.decode(strip_eos(sample.token_ids, self.policy.eos_token_ids))
                     record = {"reply": reply, "code": CODE_BLOCK.findall(reply), "observation": None,
                               "sub_calls": []}
                     call.turns.append(record)
                     observation = await self._run_code(repl, record)
-                    call.answer = repl.answer if repl.answer is not None else _text_final(reply, record["code"])
+                    call.answer = repl.answer if repl.answer is not None else _text_final(reply)
                     if call.answer is not None or turn == self.max_turns:
                         break
                     if turn == self.max_turns - 1:
@@ -403,11 +403,11 @@ class RLM:
         return result if result is not None else "(the sub-call gave no answer)"
 
 
-def _strip_eos(ids, eos_ids):
+def strip_eos(ids, eos_ids):
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
-def _text_final(reply, code_blocks):
+def _text_final(reply):
     """FINAL(...) written as plain text outside code counts as the answer."""
     text = CODE_BLOCK.sub("", reply)
     match = TEXT_FINAL.search(text)
@@ -436,20 +436,18 @@ def _finish_cost(call, calls):
     children = [c for c in calls if c.parent == call.id]
     cost = Cost(prompt_tokens=sum(call.prompt_lengths), generated_tokens=sum(call.sampled_mask),
                 depth=call.depth, wall_seconds=call.ended - call.started)
-    critical = cost.generated_tokens
+    cost.critical_path_tokens = cost.generated_tokens
     for turn in call.turns:
-        critical += longest_chain([(s["start"], s["end"], calls[s["call"]].cost.critical_path_tokens)
-                                   for s in turn["sub_calls"]])
+        cost.critical_path_tokens += longest_chain(
+            [(s["start"], s["end"], calls[s["call"]].cost.critical_path_tokens) for s in turn["sub_calls"]])
+        for s in turn["sub_calls"]:
+            cost.sub_calls[s["fn"]] += 1
     for child in children:
         cost.prompt_tokens += child.cost.prompt_tokens
         cost.generated_tokens += child.cost.generated_tokens
         cost.depth = max(cost.depth, child.cost.depth)
         for k, v in child.cost.sub_calls.items():
             cost.sub_calls[k] += v
-    for turn in call.turns:
-        for s in turn["sub_calls"]:
-            cost.sub_calls[s["fn"]] += 1
-    cost.critical_path_tokens = critical
     call.cost = cost
 
 
