@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import train
 from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
-from rlm import RLM, Batcher
+from rlm import RLM, Batcher, Call, Cost, Rollout
 
 TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--lengths", "2000",
             "--max_turns", "1", "--max_new_tokens", "16", "--max_generated_tokens", "64", "--eval_n", "0",
@@ -42,6 +42,18 @@ def sampled_rollouts(policy, n=2):
     return asyncio.run(main())
 
 
+def fixed_rollouts(policy, replies):
+    """Rollouts of one call each whose sampled tokens are exactly `replies` (not drawn from the model)."""
+    prompt = policy.chat_ids([{"role": "user", "content": "What is the key?"}])
+    rollouts = []
+    for reply in replies:
+        call = Call(id=0, parent=None, kind="root", depth=0, query="What is the key?")
+        call.append(prompt, False)
+        call.append(reply, True, [0.0] * len(reply))
+        rollouts.append(Rollout("What is the key?", None, [call], Cost(), 64))
+    return rollouts
+
+
 def rollout_logprob(policy, rollout):
     root = rollout.calls[0]
     ids = torch.tensor([root.token_ids])
@@ -51,10 +63,15 @@ def rollout_logprob(policy, rollout):
 
 def test_update_changes_only_lora_and_raises_log_probs_of_positive_advantage():
     policy = make_tiny_policy(seed=3)
-    torch.manual_seed(0)
-    rollouts = sampled_rollouts(policy)
+    # Two replies with no token in common (the second has no end-of-turn either): every
+    # sampled token is pushed one way only, so the winner's log-prob must rise whatever
+    # the machine. Shared tokens would be pushed both ways and make the claim a coin toss.
+    winner = policy.encode("The key is 7.") + [policy.eos_token_ids[0]]
+    loser = policy.encode(" banana purple window")
+    assert not set(winner) & set(loser)
+    rollouts = fixed_rollouts(policy, [winner, loser])
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
     cfg = config()
     start = rollout_logprob(policy, rollouts[0])
     logprobs = []
@@ -129,7 +146,8 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
 
 def test_several_epochs_and_a_kl_term_are_measured():
     policy = make_tiny_policy(seed=6)
-    rollouts = sampled_rollouts(policy)
+    # Fixed, disjoint replies: two sampled rollouts that happened to be equal would cancel out.
+    rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     first = train.update(policy, optimizer, rollouts, [1.0, 0.0], config(epochs=3, beta=0.1))
     assert first["kl"] is not None and first["kl"] > 0  # the adapter moved away from the base in epochs 2-3
