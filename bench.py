@@ -36,6 +36,12 @@ set): on a busy shared CPU spinning threads stall each other and times jump 20-f
            python that decodes them.
   tasks    tasks.make_task of 10M characters per family vs joining 10M characters of
            random words (random.choices + str.join).
+  merge    the LoRA merge each sample() call runs first: merged weights kept between
+           updates and swapped in vs cloning and merging every wrapped weight on every
+           call (as it was), alone and as part of one --new-tokens sample() call; and on a
+           bf16 copy of the model after one AdamW step at lr 1e-4, |sampled - scored|
+           log-prob of each sampled token, now vs the delta merged into the bf16 weights
+           (as it was), with the share of delta entries that merging loses.
   train    one step of train.py's default configuration (on CPU: one task, a group of 4
            rollouts), split into rollouts and update (once, no warm-up); --train-argv
            passes train.py flags, e.g. --train-argv="--group_size 8".
@@ -43,6 +49,7 @@ set): on a busy shared CPU spinning threads stall each other and times jump 20-f
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import gc
 import json
@@ -60,13 +67,14 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
 
 import lora  # noqa: E402
 import tasks  # noqa: E402
 from repl import REPL  # noqa: E402
 from rlm import RLM, Batcher  # noqa: E402
 
-BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "train")
+BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "merge", "train")
 DEFAULTS = dict(repeats=3, fanout_k="1,4,8,16", new_tokens=32, chunk_chars=400, batch=8, score_batch=8,
                 score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="")
 # On CPU, 8 x 2048 scored tokens would need ~29 GB with grad, and a full training step takes ~7 minutes.
@@ -408,7 +416,136 @@ def bench_tasks(task_chars, repeats):
 
 
 # -----------------------------------------------------------------------------
-# 6. One training step, rollouts vs update
+# 6. Merged LoRA weights for sampling: kept between updates vs merged on every call
+
+
+@contextlib.contextmanager
+def merged_every_call(policy):
+    """The merge as it was: clone every wrapped weight, add its LoRA delta in place, in the
+    weight's own dtype, and copy the clone back afterwards."""
+    layers = [m for m in policy.model.modules() if isinstance(m, LoraLayer) and m.active_adapters]
+    saved = []
+    with torch.no_grad():
+        try:
+            for m in layers:
+                weight = m.get_base_layer().weight
+                saved.append(weight.detach().clone())
+                weight.add_(sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A))
+            with policy.model.disable_adapter():
+                yield
+        finally:
+            for m, original in zip(layers, saved):
+                m.get_base_layer().weight.copy_(original)
+
+
+def merging_every_call(policy):
+    """A view of the policy that samples on weights merged on every call, as it was."""
+    old = copy.copy(policy)
+    old.merged_weights = lambda: merged_every_call(old)
+    return old
+
+
+def lost_delta_fraction(policy):
+    """The share of nonzero LoRA delta entries that adding into the base weights leaves unchanged."""
+    lost = nonzero = 0
+    with torch.no_grad():
+        for m in policy.model.modules():
+            if isinstance(m, LoraLayer) and m.active_adapters:
+                weight = m.get_base_layer().weight
+                delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+                moved = (weight + delta).to(weight.dtype) != weight
+                lost += int(((delta != 0) & ~moved).sum())
+                nonzero += int((delta != 0).sum())
+    return lost / max(nonzero, 1)
+
+
+def right_padded(prompts, completions, pad_id):
+    """(input_ids_BT, attention_mask_BT, loss_mask_BT): prompt + completion per row, loss on the completion."""
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    input_ids_BT = torch.tensor([p + c + [pad_id] * (T - len(p) - len(c)) for p, c in zip(prompts, completions)])
+    attention_mask_BT = torch.tensor([[1] * (len(p) + len(c)) + [0] * (T - len(p) - len(c))
+                                      for p, c in zip(prompts, completions)])
+    loss_mask_BT = torch.tensor([[0] * len(p) + [1] * len(c) + [0] * (T - len(p) - len(c))
+                                 for p, c in zip(prompts, completions)])
+    return input_ids_BT, attention_mask_BT, loss_mask_BT
+
+
+def sampling_gaps(policy, prompts, new_tokens):
+    """|sampled - scored| log-prob of every token of one seeded, fixed-length sample per prompt."""
+    samples = without_end_of_turn(policy).sample(prompts, max_new_tokens=new_tokens, seeds=list(range(len(prompts))))
+    with torch.no_grad():
+        scored_BT = policy.logprobs(*right_padded(prompts, [s.token_ids for s in samples], policy.pad_token_id)).cpu()
+    return torch.cat([torch.tensor(s.logprobs) - scored_BT[b, len(p):len(p) + len(s.token_ids)]
+                      for b, (p, s) in enumerate(zip(prompts, samples))]).abs()
+
+
+def bench_merge(policy, bf16_policy, new_tokens, repeats):
+    """bf16_policy: a bf16 copy of the model with a fresh adapter; its adapter takes one AdamW step here."""
+    def synced(fn):
+        def run():
+            fn()
+            if policy.device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    def enter_and_leave(weights):
+        with weights():
+            pass
+
+    # The old merge writes into the base weights and back, which a kept merge takes for a change of
+    # them (it is one, for a moment), so the old side runs on its own copy of the model.
+    old = merging_every_call(lora.Policy(copy.deepcopy(policy.model), policy.tokenizer))
+    merge_times = measure({"kept": synced(lambda: enter_and_leave(policy.merged_weights)),
+                           "every call": synced(lambda: enter_and_leave(old.merged_weights))}, max(repeats, 5))
+    policy._merge_cache.clear()   # as after an optimizer step
+    [remerge_s] = measure({"again": synced(lambda: enter_and_leave(policy.merged_weights))}, 1, warmup=False)["again"]
+    prompt = policy.chat_ids([{"role": "user", "content": "Write a short poem about the sea."}])
+    forced, forced_old = without_end_of_turn(policy), without_end_of_turn(old)
+    call_times = measure({"now": lambda: forced.sample([prompt], max_new_tokens=new_tokens, seeds=[0]),
+                          "before": lambda: forced_old.sample([prompt], max_new_tokens=new_tokens, seeds=[0])}, repeats)
+
+    # One AdamW step on demonstrations: the delta is then small next to the base weights, as early in
+    # training. Before it the adapter is zero and both ways sample the same: that gap is bf16 rounding alone.
+    questions = ["What is 2+2?", "Name a large river.", "Count to five.", "Write a short poem about the sea.",
+                 "What colour is the sky?", "Spell 'cat'.", "Say hello in French.", "What is the capital of Italy?"]
+    answers = ["4", "The Nile.", "1, 2, 3, 4, 5.", "Waves roll in,\nsalt on the wind.", "Blue.", "C-A-T.",
+               "Bonjour.", "Rome."]
+    prompts = [bf16_policy.chat_ids([{"role": "user", "content": q}]) for q in questions]
+    answers = [bf16_policy.encode(a) + bf16_policy.eos_token_ids[:1] for a in answers]
+    gap_before = sampling_gaps(bf16_policy, prompts, new_tokens)
+    batch = right_padded(prompts, answers, bf16_policy.pad_token_id)
+    optimizer = torch.optim.AdamW(bf16_policy.trainable_parameters(), lr=1e-4, weight_decay=0.0)
+    loss = -bf16_policy.logprobs(*batch).sum() / batch[2].sum()
+    loss.backward()
+    optimizer.step()
+    lost = lost_delta_fraction(bf16_policy)
+    gap_now = sampling_gaps(bf16_policy, prompts, new_tokens)
+    gap_old = sampling_gaps(merging_every_call(bf16_policy), prompts, new_tokens)
+
+    k, e = statistics.median(merge_times["kept"]), statistics.median(merge_times["every call"])
+    n, b = statistics.median(call_times["now"]), statistics.median(call_times["before"])
+
+    def summary(gap):
+        return f"mean {gap.mean():.2g}, median {gap.median():.2g}, max {gap.max():.2g}"
+    return [
+        row("merge", "merging before a sample() call", measured=f"kept {k * 1e3:.3g} ms (after an update "
+            f"{remerge_s * 1e3:.3g} ms)", baseline=f"merged every call {e * 1e3:.3g} ms", ratio=k / e,
+            seconds=k, baseline_seconds=e, remerge_seconds=remerge_s, times=merge_times),
+        row("merge", f"one sample() call, {len(prompt)}+{new_tokens} tokens", measured=f"{n:.2f} s",
+            baseline=f"merged every call {b:.2f} s", ratio=n / b, seconds=n, baseline_seconds=b, times=call_times),
+        row("merge", f"bf16 |sampled - scored| log-prob after one AdamW step, {len(gap_now)} tokens",
+            measured=f"now {summary(gap_now)}", ratio=float(gap_now.mean() / gap_old.mean()),
+            baseline=f"merged into bf16 weights {summary(gap_old)} ({lost:.1%} of delta entries lost); "
+                     f"before the step {summary(gap_before)}",
+            gap_mean=float(gap_now.mean()), baseline_gap_mean=float(gap_old.mean()),
+            gap_median=float(gap_now.median()), baseline_gap_median=float(gap_old.median()),
+            gap_mean_before_step=float(gap_before.mean()), gap_median_before_step=float(gap_before.median()),
+            tokens=len(gap_now), baseline_tokens=len(gap_old), lost_delta_fraction=lost),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# 7. One training step, rollouts vs update
 
 
 def bench_train(policy, train_argv):
@@ -446,10 +583,10 @@ def bench_train(policy, train_argv):
 # -----------------------------------------------------------------------------
 
 
-def load(model, tiny, save_to=None):
+def load(model, tiny, save_to=None, dtype=None):
     """The bench's policy: the tiny random model (as in tests/conftest.py) or a real one.
     save_to: also write the bare model there, for the memory benchmark's fresh processes."""
-    device, dtype = lora.resolve_device_dtype()
+    device, dtype = lora.resolve_device_dtype(None, dtype)
     if tiny:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
         from conftest import load_smollm_tokenizer, make_tiny_model
@@ -481,6 +618,8 @@ def run(args):
             "memory": lambda: bench_memory(folder, args.score_batch, args.score_len),
             "repl": lambda: bench_repl(args.context_chars, args.repeats),
             "tasks": lambda: bench_tasks(args.task_chars, args.repeats),
+            "merge": lambda: bench_merge(policy, load(args.model, args.tiny, dtype=torch.bfloat16), args.new_tokens,
+                                         args.repeats),
             "train": lambda: bench_train(policy, args.train_argv.split()),
         }
         for name in BENCHMARKS:  # in this order: train changes the adapter (and puts it back) last

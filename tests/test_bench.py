@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import lora
 from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
 
 
@@ -62,6 +63,24 @@ def test_repl_and_tasks_give_positive_times():
     rows = bench.bench_repl(context_chars=200_000, repeats=1) + bench.bench_tasks(20_000, repeats=1)
     assert len(rows) == 3 + 4
     assert all(r["seconds"] > 0 and r["baseline_seconds"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_merge_sides_sample_the_same_policy_in_float32_and_leave_the_weights_alone():
+    policy = make_tiny_policy(seed=1)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)   # so that merging changes the weights
+    bf16 = lora.Policy.from_model(make_tiny_model(policy.tokenizer, seed=1), policy.tokenizer, dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    prompt = policy.chat_ids([{"role": "user", "content": "hello"}])
+    [now] = policy.sample([prompt], max_new_tokens=6, seeds=[3])
+    [old] = bench.merging_every_call(policy).sample([prompt], max_new_tokens=6, seeds=[3])
+    assert now.token_ids == old.token_ids and now.logprobs == pytest.approx(old.logprobs, abs=1e-5)
+    kept, call, gap = bench.bench_merge(policy, bf16, new_tokens=4, repeats=1)
+    assert kept["seconds"] > 0 and kept["baseline_seconds"] > 0 and call["seconds"] > 0
+    assert gap["tokens"] == gap["baseline_tokens"] == 8 * 4 and 0 < gap["lost_delta_fraction"] < 1
+    assert all(torch.equal(p, before[n]) for n, p in policy.model.named_parameters())
 
 
 def test_training_step_reports_both_parts_and_restores_the_adapter():

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
 
 import lora
 from conftest import make_tiny_model, make_tiny_policy
@@ -313,3 +314,104 @@ def test_sampling_on_merged_weights_matches_scoring_and_restores_the_base():
     for n, p in policy.model.named_parameters():
         if n in base_before:
             assert torch.equal(p, base_before[n]), n
+
+
+def base_weights(policy):
+    """The frozen weights: each parameter, where its values live, and a copy of them."""
+    return {n: (p, p.data_ptr(), p.detach().clone()) for n, p in policy.model.named_parameters() if "lora_" not in n}
+
+
+def assert_base_intact(policy, before):
+    """The same parameters on the same storage, with the same values."""
+    for n, p in policy.model.named_parameters():
+        if n in before:
+            param, data_ptr, values = before[n]
+            assert p is param and p.data_ptr() == data_ptr and torch.equal(p, values), n
+
+
+def gap_to_scoring(policy, prompts, samples, temperature):
+    """|sampled log-prob - scored log-prob| of every sampled token."""
+    batch = right_padded(prompts, [s.token_ids for s in samples], policy.pad_token_id)
+    with torch.no_grad():
+        scored_BT = policy.logprobs(*batch, temperature=temperature)
+    return torch.cat([torch.tensor(s.logprobs) - scored_BT[b, len(p):len(p) + len(s.token_ids)]
+                      for b, (p, s) in enumerate(zip(prompts, samples))]).abs()
+
+
+def test_bf16_sampling_samples_the_policy_being_trained(smollm_tokenizer):
+    # A few small AdamW steps give LoRA deltas mostly below half a bf16 step of the base weights:
+    # folded into bf16 weights they vanish or round to a whole step, which moves every token's
+    # log-prob (median gap to scoring ~0.01 here, 0.007-0.02 over model seeds). Sampling on the
+    # adapter path, as scoring runs it, differs from scoring only by bf16 kernel noise (cached
+    # one-token decoding vs one pass): most tokens agree to 1e-4, and now and then a logit
+    # rounds one bf16 step apart (up to ~0.1 nats), so the median is the statistic that tells them apart.
+    model = make_tiny_model(smollm_tokenizer, seed=3, eos_logit=-30.0)   # never ends: 16 tokens a row
+    policy = lora.Policy.from_model(model, smollm_tokenizer, lora_rank=8, lora_alpha=16, dtype=torch.bfloat16)
+    before = base_weights(policy)
+    prompts = some_prompts(policy)
+    batch = right_padded(prompts, [[5, 6, 7, 8], [9, 10, 11], [12, 13], [14]], policy.pad_token_id)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4, weight_decay=0.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-policy.logprobs(*batch).sum()).backward()
+        optimizer.step()
+    samples = policy.sample(prompts, max_new_tokens=16, temperature=0.8, seeds=[1, 2, 3, 4])
+    gap = gap_to_scoring(policy, prompts, samples, temperature=0.8)
+    assert len(gap) == 64 and gap.median() < 1e-3, gap.median()
+    assert_base_intact(policy, before)
+
+
+def test_merged_weights_are_made_once_per_update_and_follow_every_change(monkeypatch):
+    policy = make_tiny_policy(seed=6)
+    perturb_adapter(policy, seed=6)
+    before = base_weights(policy)
+    merged_layers = []
+    get_delta_weight = LoraLinear.get_delta_weight
+    monkeypatch.setattr(LoraLinear, "get_delta_weight",
+                        lambda layer, adapter: merged_layers.append(layer) or get_delta_weight(layer, adapter))
+    prompts = some_prompts(policy)[:2]
+
+    def sample_the_current_policy():
+        samples = policy.sample(prompts, max_new_tokens=8, seeds=[1, 2])
+        assert gap_to_scoring(policy, prompts, samples, temperature=1.0).max() < ATOL
+        return samples
+
+    first = sample_the_current_policy()
+    n_layers = len(merged_layers)
+    assert n_layers == sum(isinstance(m, LoraLinear) for m in policy.model.modules()) > 0
+    assert sample_the_current_policy() == first and len(merged_layers) == n_layers   # unchanged: merged once
+    assert_base_intact(policy, before)
+
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    (-policy.logprobs(*right_padded(prompts, [s.token_ids for s in first], policy.pad_token_id)).sum()).backward()
+    optimizer.step()
+    stepped = sample_the_current_policy()
+    assert len(merged_layers) == 2 * n_layers and stepped != first
+    assert sample_the_current_policy() == stepped and len(merged_layers) == 2 * n_layers
+    with torch.no_grad():   # a write autograd's version counter does not see is seen too
+        next(p for n, p in policy.model.named_parameters() if "lora_B" in n).data.mul_(3)
+    sample_the_current_policy()
+    assert len(merged_layers) == 3 * n_layers
+    name = next(n for n in before if n.endswith("q_proj.base_layer.weight"))
+    weight, _, values = before[name]
+    with torch.no_grad():   # and so is a base weight written in place
+        weight.mul_(1.5)
+    sample_the_current_policy()
+    assert len(merged_layers) == 4 * n_layers
+    with torch.no_grad():
+        weight.copy_(values)
+    assert_base_intact(policy, before)
+
+    # generation that fails still puts the original weights back, and the adapter on
+    batch = right_padded(prompts, [s.token_ids for s in first], policy.pad_token_id)
+    with torch.no_grad():
+        scored = policy.logprobs(*batch)
+
+    def fails(**kwargs):
+        raise RuntimeError("generation failed")
+    monkeypatch.setattr(policy.model, "generate", fails)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        policy.sample(prompts, max_new_tokens=8)
+    assert_base_intact(policy, before)
+    with torch.no_grad():
+        assert torch.equal(policy.logprobs(*batch), scored)
