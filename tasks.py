@@ -35,11 +35,22 @@ Variants (keyword arguments of make_task, default in brackets):
   multihop   hops [2] facts to chain, 2 to 5; distractors [length/2000, 2 to 30] other
              chains of the same shape
 
-Scoring (score(task, prediction) -> [0, 1]) is lenient about form, strict about content:
+Scoring (score(task, prediction) -> [0, 1]) is lenient about form, strict about content,
+and reads a sentence as it reads a bare value, so a baseline that answers in words is
+scored as fairly as an RLM that answers FINAL(value). What a text states is what its
+FINAL(...) holds (up to the matching parenthesis), then what follows "the answer is".
   exact   normalised string match (case, whitespace, quotes, surrounding punctuation,
-          "The answer is X", FINAL(X), a one-element list)
-  number  0.75 ** |error| (OOLONG's partial credit for counts); the number is read from
-          text such as "There are 12 records"
+          "The answer is X", FINAL(X), a one-element list); else the answers of the task's
+          kind that the text names: 7-digit numbers (niah), cities (multihop), topics
+          (aggregate), else numbers or capitalised names. What the query names (the key
+          "ebony-panda-82", "Agent Mara Quill") is left out. Credit only when one distinct
+          answer is named and it is right: "The special magic number for ebony-panda-82 is
+          7485352." states 7485352; "either 1234567 or 7485352" states nothing. A kind holds
+          every answer its tasks can have, so listing guesses never pays.
+  number  0.75 ** |error| (OOLONG's partial credit for counts) of the number stated,
+          leaving out numbers in keys or dates, the query's numbers and reference totals
+          ("out of 25", "3 of 25", "of the 25"): "There are 3 records about it (out of 25)"
+          states 3. Several numbers get the credit of the worst ("3 or 5" scores as 5).
   f1      F1 over the set of items; items of a pair are unordered; lists are read from
           Python/JSON literals or text such as "a, b" or "(u1, u2), (u3, u4)"
 
@@ -455,20 +466,53 @@ def make_suite(families, lengths, n, seed, variants=None):
 # Scoring
 
 _ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:|=)\s*", re.I)
-_FINAL_CALL = re.compile(r"final(?:_var)?\s*\((.*)\)", re.I | re.S)
+_FINAL_OPEN = re.compile(r"\bfinal(?:_var)?\s*\(", re.I)
 _STRIP = " \t\r\n\"'`*.,;:!?"
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# A number on its own, so neither the 82 of the key "ebony-panda-82" nor a part of a date.
+_STANDALONE_NUMBER = re.compile(r"(?<![\w.-])" + _NUMBER.pattern + r"(?![\w-]|\.\d)")
+# Words after which a number is a reference total, not a count: "out of 25", "3 of 25",
+# "Of the 25 records", "among all 25", "3/25". ("A total of 12" is a count.)
+_TOTAL_BEFORE = re.compile(r"(?:\b(?:out\s+of|among)(?:\s+(?:the|all))?|\bof\s+(?:the|all)|\d\s+of|\d\s*/)\s*$",
+                           re.I)
+_CITY_WORDS = re.compile(r"\b(?:" + "|".join(_CITIES) + r")\b")
+_LABEL_WORDS = re.compile(r"\b(?:" + "|".join(AGGREGATE_LABELS) + r")\b", re.I)
+_CAPITALISED = re.compile(r"\b[A-Z][\w'’-]*(?:[ \t]+[A-Z][\w'’-]*)*")
+# Capitalised only because they open a sentence or a name like "The Hague": never an answer.
+_OPENERS = frozenset("a an the this that these those there here it its i we you he she they his "
+                     "her their in on at of for from to by with and or but so as if is are was "
+                     "were be based according answer final yes no note therefore thus however "
+                     "which what who where when city".split())
+
+
+def _final_argument(text):
+    """What the first FINAL(...) in text holds, up to its matching parenthesis (a greedy
+    match reads "FINAL(4182736) (see line 3)" as "4182736) (see line 3"), or None."""
+    m = _FINAL_OPEN.search(text)
+    if m is None:
+        return None
+    depth = 1
+    for i in range(m.end(), len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return text[m.end():i]
+    return text[m.end():]  # cut off before it closed: the rest is all it said
 
 
 def _unwrap(text):
-    """Drop the packaging around an answer: 'The answer is X.', 'FINAL(X)', quotes, bold."""
+    """The part of a text that states its answer: what FINAL(...) holds, then what follows
+    the last 'the answer is' or 'answer:', without quotes, bold or end punctuation."""
     s = str(text).strip()
+    inner = _final_argument(s)
+    if inner is not None:
+        s = inner
     marks = list(_ANSWER_MARK.finditer(s))
     if marks:
         s = s[marks[-1].end():]
-    s = s.strip().strip(_STRIP)
-    m = _FINAL_CALL.fullmatch(s)
-    return m.group(1).strip().strip(_STRIP) if m else s
+    return s.strip().strip(_STRIP)
 
 
 def normalize(text):
@@ -489,14 +533,86 @@ def _literal(text):
     return None
 
 
-def parse_number(text):
-    """The number a prediction states, or None: the first one after 'answer is'/'answer:',
-    else the only or the last number in the text."""
-    s = str(text)
-    marks = list(_ANSWER_MARK.finditer(s))
-    found = _NUMBER.findall(s[marks[-1].end():]) if marks else []
-    found = found[:1] or _NUMBER.findall(s)[-1:]
-    return float(found[0].replace(",", "")) if found else None
+def _value(number):
+    return float(number.replace(",", ""))
+
+
+def _numbers(text, loose=False):
+    """Values of the numbers a text states, in order, leaving out numbers inside keys or
+    dates and reference totals ("out of 25"). loose: every digit run, for reading a query,
+    whose key digits must never count as an answer however a reply writes them."""
+    if loose:
+        return [_value(x.lstrip("+-")) for x in _NUMBER.findall(text)]
+    return [_value(m.group()) for m in _STANDALONE_NUMBER.finditer(text)
+            if not _TOTAL_BEFORE.search(text[max(0, m.start() - 30):m.start()])]
+
+
+def _capitalised_phrases(text):
+    """Runs of capitalised words ("Buenos Aires"), without a possessive 's or an opener."""
+    out = []
+    for m in _CAPITALISED.finditer(text):
+        words = re.sub(r"['’]s$", "", m.group()).split()
+        while words and words[0].lower() in _OPENERS:
+            words.pop(0)
+        if words:
+            out.append(" ".join(words).lower())
+    return out
+
+
+def _kind(task):
+    """How to read the task's answer from a sentence: (find: text -> the answers of the
+    task's kind it names, in comparable form; named: is a value named by the query; the
+    gold answer in that form), or None for an answer of no known kind. A kind holds every
+    answer its tasks can have, so that whatever could earn credit is a candidate."""
+    gold = str(task.answer).strip()
+    query = " ".join(str(task.query).split())
+    words = query.lower()
+
+    def named(value):
+        return re.search(r"(?<!\w)" + re.escape(str(value)) + r"(?!\w)", words) is not None
+
+    if task.scoring == "number" or _NUMBER.fullmatch(gold):
+        query_numbers = set(_numbers(query, loose=True))
+        find = _numbers
+        if task.family == "niah" and re.fullmatch(r"\d{7}", gold):
+            # A niah answer is a 7-digit number, so a line number beside it is no rival.
+            def find(text):
+                return [x for x in _numbers(text) if 10**6 <= x < 10**7 and x == int(x)]
+        return find, query_numbers.__contains__, _value(gold)
+    if task.family == "multihop" and gold in _CITIES:
+        return (lambda text: [c.lower() for c in _CITY_WORDS.findall(text)]), named, gold.lower()
+    if task.family == "aggregate" and gold in AGGREGATE_LABELS:
+        return (lambda text: [w.lower() for w in _LABEL_WORDS.findall(text)]), named, gold
+    if _CAPITALISED.fullmatch(gold):
+        return _capitalised_phrases, named, " ".join(gold.split()).lower()
+    return None
+
+
+def _stated_answers(task, stated):
+    """(distinct answers of the task's kind that the stated part of a text names, the gold
+    answer in the same form), or None when the kind is unknown. What the query names (the
+    key "ebony-panda-82", "Agent Mara Quill") restates the question rather than answering
+    it, unless the answer is among those names (aggregate's list of topics)."""
+    kind = _kind(task)
+    if kind is None:
+        return None
+    find, named, gold = kind
+    found = find(stated)
+    if not named(gold):
+        found = [x for x in found if not named(x)]
+    return list(dict.fromkeys(found)), gold
+
+
+def parse_number(text, query=""):
+    """The one number a text states, or None when it states none or several: a plain
+    number, else the numbers left once keys, dates, totals ("out of 25") and the query's
+    own numbers are set aside ("There are 3 records about it (out of 25)" states 3)."""
+    stated = _unwrap(text)
+    plain = normalize(stated)
+    if _NUMBER.fullmatch(plain):
+        return _value(plain)
+    found = set(_numbers(stated)) - set(_numbers(query, loose=True))
+    return found.pop() if len(found) == 1 else None
 
 
 def _canon_id(x, numeric):
@@ -556,14 +672,22 @@ def score(task, prediction):
     if prediction is None:
         return 0.0
     text = str(prediction)
-    if task.scoring == "exact":
-        value = _literal(_unwrap(text))
+    if task.scoring in ("exact", "number"):
+        # A sentence that names one answer scores like that answer; one that names several
+        # gets the credit of the worst, so listing guesses never pays.
+        stated = _unwrap(text)
+        value = _literal(stated)
         if isinstance(value, (list, tuple)) and len(value) == 1:
-            text = str(value[0])
-        return float(normalize(text) == normalize(task.answer))
-    if task.scoring == "number":
-        guess, gold = parse_number(text), float(task.answer)
-        return 0.0 if guess is None else 0.75 ** abs(guess - gold)
+            stated = str(value[0])
+        plain = normalize(stated)
+        if task.scoring == "exact" and plain == normalize(task.answer):
+            return 1.0
+        if task.scoring == "number" and _NUMBER.fullmatch(plain):
+            return 0.75 ** abs(_value(plain) - float(task.answer))
+        found, gold = _stated_answers(task, stated) or ([], None)
+        if task.scoring == "exact":
+            return float(found == [gold])
+        return min((0.75 ** abs(x - gold) for x in found), default=0.0)
     gold = task.answer if isinstance(task.answer, list) else [task.answer]
     is_pairs = bool(gold) and all(isinstance(x, (list, tuple)) for x in gold)
     if is_pairs:
@@ -615,7 +739,7 @@ def load_jsonl(path):
             if scoring not in SCORINGS:
                 raise ValueError(f"{where}: scoring must be one of {SCORINGS}, got {scoring!r}")
             if scoring == "number" and parse_number(answer) is None:
-                raise ValueError(f"{where}: scoring is 'number' but answer {answer!r} has no number")
+                raise ValueError(f"{where}: scoring is 'number' but answer {answer!r} states no single number")
             if scoring == "number" and isinstance(answer, str):
                 answer = parse_number(answer)
             tasks.append(Task(rec.get("family", path.stem), str(query), rec["context"], answer,

@@ -247,6 +247,80 @@ def test_numbers_get_partial_credit(prediction, credit):
     assert score(T(12, "number"), prediction) == pytest.approx(credit)
 
 
+NIAH = Task("niah", "What is the special magic number for ebony-panda-82 mentioned in the context? "
+            "Answer with the 7-digit number only.", "", "7485352", "exact", 0)
+MULTIHOP = Task("multihop", "In which city is the safehouse of Agent Mara Quill's handler? "
+                "Answer with the city only.", "", "Nicosia", "exact", 0)
+
+
+def test_a_sentence_stating_one_magic_number_scores_like_that_number():
+    for text in ["The special magic number for ebony-panda-82 is 7485352.",
+                 "The 7-digit number for ebony-panda-82 is 7,485,352 (line 3 of the context)."]:
+        assert score(NIAH, text) == 1.0, text
+    for text in ["ebony-panda-82", "The special magic number for ebony-panda-82 is 7485353.",
+                 "It is either 1234567 or 7485352.", "7485352, 1234567", "[7485352, 1234567]"]:
+        assert score(NIAH, text) == 0.0, text
+
+
+def test_a_sentence_stating_one_city_scores_like_that_city():
+    for text in ["The safehouse is in Nicosia.", "The safehouse of Agent Mara Quill's handler is in Nicosia.",
+                 "Agent Mara Quill's handler is Theo Vance, and Theo Vance's safehouse is in Nicosia."]:
+        assert score(MULTIHOP, text) == 1.0, text
+    for text in ["The safehouse is in Lisbon.", "Either Nicosia or Lisbon.", "Nicosia, Lisbon",
+                 "Agent Mara Quill's own safehouse is in Lisbon; his handler's is in Nicosia.",
+                 "Agent Mara Quill"]:
+        assert score(MULTIHOP, text) == 0.0, text
+
+
+def test_an_external_name_answer_is_read_from_a_sentence_naming_nothing_else():
+    # Without a known set of answers, every capitalised name the query does not mention
+    # is a candidate, so a chain of names is no longer one answer.
+    task = Task("bench", MULTIHOP.query, "", "Nicosia", "exact", 0)
+    assert score(task, "The safehouse of Agent Mara Quill's handler is in Nicosia.") == 1.0
+    assert score(task, "Based on the context, it is Nicosia.") == 1.0
+    for text in ["Nicosia or Lisbon", "Theo Vance's safehouse is in Nicosia."]:
+        assert score(task, text) == 0.0, text
+
+
+@pytest.mark.parametrize("family,variant", [
+    ("niah", {}), ("niah", {"needles": 4, "decoys": 3}), ("multihop", {}), ("multihop", {"hops": 4}),
+    ("aggregate", {"question": "most_common"})])
+def test_echoing_the_question_never_adds_a_candidate(family, variant):
+    for seed in range(4):
+        task = make_task(family, 4_000, seed, **variant)
+        echo = re.search(r"[^.?]*\?", task.query).group().strip()  # the question, key and names included
+        rival = {"niah": "1234567" if task.answer != "1234567" else "7654321",
+                 "multihop": "Lisbon" if task.answer != "Lisbon" else "Oslo",
+                 "aggregate": "money" if task.answer != "money" else "food"}[family]
+        assert score(task, f"{echo} It is {task.answer}.") == 1.0, echo
+        assert score(task, f"{echo} It is {rival}.") == 0.0
+        assert score(task, f"{echo} It is {task.answer} or {rival}.") == 0.0
+        assert score(task, f"{echo} It is {rival}, not {task.answer}.") == 0.0
+
+
+def test_a_count_is_the_number_stated_not_a_total_nor_the_query_s_digits():
+    task = Task("bench", "How many records mention ebony-panda-82? Answer with a number.", "", 3, "number", 0)
+    for text in ["There are 3 records about it (out of 25).", "3 records mention ebony-panda-82.",
+                 "Of the 25 records, 3 mention ebony panda 82.", "3 of 25", "3/25", "FINAL(3) (out of 25)"]:
+        assert score(task, text) == 1.0, text
+    # Several counts get the credit of the worst, so naming a second never helps.
+    assert score(task, "either 3 or 5") == pytest.approx(0.75 ** 2)
+    assert score(task, "There are 3 records, or maybe 40.") == pytest.approx(0.75 ** 37)
+    assert score(task, "ebony-panda-82") == 0.0
+    assert tasks.parse_number("either 3 or 5") is None
+    assert tasks.parse_number("There are 3 records about it (out of 25).") == 3
+
+
+def test_final_written_as_text_ends_at_its_own_parenthesis():
+    assert tasks._unwrap("FINAL(4182736) (see line 3)") == "4182736"
+    assert tasks._unwrap("FINAL(sorted(set(x))) done") == "sorted(set(x))"
+    assert score(T("4182736", "exact"), "FINAL(4182736) (see line 3)") == 1.0
+    assert score(T("Lisbon", "exact"), "I followed the chain. FINAL('Lisbon') and stopped.") == 1.0
+    assert score(T("Lisbon", "exact"), "FINAL(Lisbon") == 1.0  # cut off before it closed
+    assert score(T(["1111111", "2222222"], "f1"), "FINAL(['1111111', '2222222']) (two lines)") == 1.0
+    assert score(T("Lisbon", "exact"), "FINAL(Porto) (not Lisbon)") == 0.0
+
+
 def test_f1_over_values():
     task = T(["1111111", "2222222", "3333333", "4444444"], "f1")
     assert score(task, "['1111111', '2222222', '3333333', '4444444']") == 1.0
