@@ -3,7 +3,8 @@ Train a Recursive Language Model with Dr. GRPO on a LoRA adapter.
 
     python train.py                                   # CPU-sized run: ~10 minutes on 2 cores
     python train.py --steps 50 --group_size 8 --families niah,multihop --lengths 8000,32000
-    python train.py --resume                          # continue the run in --out_dir
+    python train.py --resume                          # continue the run in --out_dir, with its saved config
+    python train.py --resume --steps 100              # ... and train it for longer
     python train.py --model path/to/hf/model --out_dir out/big
 
 The loop, one step:
@@ -13,9 +14,11 @@ The loop, one step:
     -> old log-probs -> epochs of micro-batched Dr. GRPO updates of the adapter -> log
 
 Everything lands in --out_dir: metrics.jsonl (one line a step), samples.jsonl (one
-rollout per task per step), eval.jsonl, adapter/ (PEFT format) and checkpoint/.
+rollout per task per step), eval.jsonl, adapter/ (PEFT format) and checkpoint/; the two
+folders are written whole or not at all, and --resume cuts the logs back to the checkpoint.
 Every default below is a plain value; override any of them as --name value.
-On a CUDA machine the GPU-sized values replace the CPU ones you did not set yourself.
+On a CUDA machine the GPU-sized values replace the CPU ones you did not set yourself;
+--resume starts from the saved run's values instead, on either kind of machine.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import os
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
+import shutil
 import signal
 import sys
 import time
@@ -85,9 +89,16 @@ GPU_SIZED = dict(steps=200, tasks_per_step=8, group_size=8, families="niah,multi
                  eval_n=4)
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
+# What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
+# update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
+# loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
+CHANGEABLE_ON_RESUME = {"resume", "out_dir", "steps", "checkpoint_every", "eval_every", "eval_n",
+                        "micro_batch_tokens", "gradient_checkpointing"}
+LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # appended a step at a time
 
 
-def parse_config(argv):
+def parse_flags(argv):
+    """Only the flags given on the command line, as {name: value}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in DEFAULTS.items():
         if isinstance(value, bool):
@@ -95,12 +106,30 @@ def parse_config(argv):
         else:
             kind = str if value is None else type(value)
             parser.add_argument(f"--{name}", type=kind, default=None, help=f"default: {value}")
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def parse_config(argv):
+    """A new run's config: the defaults, the GPU-sized values on CUDA, then the flags given."""
     cfg = dict(DEFAULTS)
     if torch.cuda.is_available():
         cfg.update(GPU_SIZED)
-    cfg.update(given)
+    cfg.update(parse_flags(argv))
     return cfg
+
+
+def resumed_config(state, given):
+    """The saved run's config, whatever machine it resumes on, with the flags given again on top;
+    refuses those that would make the continued run a different experiment."""
+    saved = state["config"]
+    problems = [f"--{k}: saved {saved.get(k)!r}, given {v!r}" for k, v in given.items()
+                if k not in CHANGEABLE_ON_RESUME and saved.get(k) != v]
+    if given.get("steps", saved["steps"]) < state["step"]:
+        problems.append(f"--steps {given['steps']}: the checkpoint has done {state['step']} steps already")
+    if problems:
+        sys.exit(f"train.py: --resume continues the run in {given['out_dir']} as it was started, but:\n  - "
+                 + "\n  - ".join(problems) + "\nLeave those flags out, or start a new run in another --out_dir.")
+    return {**saved, **given}
 
 
 def check_config(cfg):
@@ -154,6 +183,10 @@ async def collect(rlm, tasks, seed):
 
 def update(policy, optimizer, rollouts, rewards_N, cfg):
     """Dr. GRPO on one batch of rollouts; returns what is worth logging."""
+    # HF checkpoints activations only in train mode, and the model may come here in eval mode. Train
+    # mode changes nothing else as long as dropout is 0: LoRA's is (load_policy's default), and so is
+    # the attention dropout of SmolLM2 and other Llama-style configs.
+    policy.model.train()
     advantages_N = group_advantages(rewards_N, cfg["group_size"])
     rows = build_rows(rollouts, advantages_N, skip_zero_advantage=cfg["beta"] == 0)
     batches = micro_batches(rows, cfg["micro_batch_tokens"], pad_id=policy.pad_token_id)
@@ -220,13 +253,71 @@ def summarize_rollouts(rollouts, rewards):
             "critical_path": mean([c.critical_path_tokens for c in costs])}
 
 
-def save_checkpoint(policy, optimizer, step, cfg):
-    path = os.path.join(cfg["out_dir"], "checkpoint")
-    policy.save_adapter(os.path.join(path, "adapter"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": cfg, "rng": {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-        os.path.join(path, "state.pt"))
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)  # a folder too: that makes the names in it durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_whole(path, write):
+    """Write the folder `path` with write(folder) so that a crash at any instant leaves the old one or
+    the new one, whole. The new one is written beside it, then swapped in by renames, which are atomic.
+    A folder cannot be renamed over another, so the swap takes two (old aside, new in); a crash
+    between them leaves only path.old, which whole_folder() then finds."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
+    write(tmp)
+    for folder, _, files in os.walk(tmp):  # on disk before the renames can be
+        for name in files:
+            fsync(os.path.join(folder, name))
+        fsync(folder)
+    if os.path.exists(path):  # else path.old, if any, is the only whole copy until tmp is in place
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    fsync(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def whole_folder(path):
+    """`path`, or the copy a crash in the middle of write_whole's swap left at path.old."""
+    return path + ".old" if not os.path.exists(path) and os.path.exists(path + ".old") else path
+
+
+def save_checkpoint(policy, optimizer, step, evaluated, cfg):
+    """All a resumed run needs: the step, the last step evaluated, the config, the optimizer, the RNGs,
+    and how long each log was, so that resuming drops what was logged after this checkpoint."""
+    paths = {name: os.path.join(cfg["out_dir"], name) for name in LOGS}
+    logs = {name: os.path.getsize(p) if os.path.exists(p) else 0 for name, p in paths.items()}
+    for p in filter(os.path.exists, paths.values()):
+        fsync(p)  # the lines this checkpoint counts must outlast it
+    state = {"step": step, "evaluated": evaluated, "config": cfg, "logs": logs, "optimizer": optimizer.state_dict(),
+             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+    def write(folder):
+        policy.save_adapter(os.path.join(folder, "adapter"))
+        torch.save(state, os.path.join(folder, "state.pt"))
+
+    write_whole(os.path.join(cfg["out_dir"], "checkpoint"), write)
+
+
+def load_checkpoint(out_dir):
+    """-> (folder, state) of the checkpoint in out_dir."""
+    folder = whole_folder(os.path.join(out_dir, "checkpoint"))
+    if not os.path.exists(os.path.join(folder, "state.pt")):
+        sys.exit(f"train.py: --resume found no checkpoint in {folder}; run without --resume first")
+    return folder, torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+
+
+def truncate_logs(out_dir, sizes):
+    """Cut each log back to its length at the checkpoint: the steps logged after it are about to be redone."""
+    for name, size in sizes.items():
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and os.path.getsize(path) > size:
+            os.truncate(path, size)
 
 
 def restore_rng(rng):
@@ -238,29 +329,27 @@ def restore_rng(rng):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    given = parse_flags(argv)
+    given.setdefault("out_dir", DEFAULTS["out_dir"])  # the run is where it is now, not where it was saved
+    folder, state = load_checkpoint(given["out_dir"]) if given.get("resume") else (None, None)
+    cfg = resumed_config(state, given) if state else parse_config(argv)
     check_config(cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    checkpoint = os.path.join(cfg["out_dir"], "checkpoint")
-    state = None
-    if cfg["resume"]:
-        if not os.path.exists(os.path.join(checkpoint, "state.pt")):
-            sys.exit(f"train.py: --resume found no checkpoint in {checkpoint}; run without --resume first")
-        state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=False)
     torch.manual_seed(cfg["seed"])  # the new adapter's initial weights
     try:
-        policy = load_policy(cfg["model"], adapter=os.path.join(checkpoint, "adapter") if state else None,
+        policy = load_policy(cfg["model"], adapter=os.path.join(folder, "adapter") if state else None,
                              lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"])
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: could not load the model: {e}")
     if cfg["gradient_checkpointing"]:
         policy.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    start = 0
+    start, evaluated = 0, 0  # steps done, and the last step evaluated
     if state:
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
-        start = state["step"]
+        truncate_logs(cfg["out_dir"], state.get("logs", {}))  # older checkpoints lack logs and evaluated
+        start, evaluated = state["step"], state.get("evaluated", state["step"])
     print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device} from step {start}; "
           f"output in {cfg['out_dir']}", flush=True)
 
@@ -273,35 +362,43 @@ def main(argv=None):
     bar = tqdm(range(start, cfg["steps"]), desc="train", initial=start, total=cfg["steps"])
     done = start  # steps completed
     try:
+        if eval_due(cfg, done) and evaluated < done:  # a stop during this evaluation left it owed
+            run_eval(policy, rlm_settings, reward_config, cfg, done)
+            evaluated = done
         for step in bar:
             tasks = step_tasks(cfg, step)
             t0 = time.time()
             rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step))
             t1 = time.time()
             rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
-            with DeferInterrupt():  # the update and its log line land together or not at all
+            with DeferInterrupt():  # the update and its log lines land together or not at all
                 stats = update(policy, optimizer, rollouts, [r["reward"] for r in rewards], cfg)
                 metrics = {"step": step + 1, **summarize_rollouts(rollouts, rewards), "rollout_seconds": t1 - t0,
                            "update_seconds": time.time() - t1, **stats, "lr": optimizer.param_groups[0]["lr"]}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
                 done = step + 1
-            write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             tokens=f"{metrics['generated_tokens']:.0f}")
-            if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
-                save_checkpoint(policy, optimizer, done, cfg)
-            if cfg["eval_n"] and ((cfg["eval_every"] and done % cfg["eval_every"] == 0) or done == cfg["steps"]):
+            if eval_due(cfg, done):
                 run_eval(policy, rlm_settings, reward_config, cfg, done)
+                evaluated = done
+            if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
+                save_checkpoint(policy, optimizer, done, evaluated, cfg)  # after the evaluation: its line too
     except KeyboardInterrupt:
-        save_checkpoint(policy, optimizer, done, cfg)  # an interrupted rollout phase is redone on --resume
+        save_checkpoint(policy, optimizer, done, evaluated, cfg)  # an interrupted rollout phase is redone on --resume
         print(f"\ninterrupted: saved a checkpoint after step {done}; continue with --resume", flush=True)
         sys.exit(130)
     finally:
         log.close()
-    policy.save_adapter(os.path.join(cfg["out_dir"], "adapter"))
+    write_whole(os.path.join(cfg["out_dir"], "adapter"), policy.save_adapter)
     print(f"done: adapter in {os.path.join(cfg['out_dir'], 'adapter')}, metrics in "
           f"{os.path.join(cfg['out_dir'], 'metrics.jsonl')}")
+
+
+def eval_due(cfg, step):
+    return cfg["eval_n"] > 0 and ((cfg["eval_every"] and step % cfg["eval_every"] == 0) or step == cfg["steps"])
 
 
 def run_eval(policy, rlm_settings, reward_config, cfg, step):

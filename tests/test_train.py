@@ -1,8 +1,10 @@
-"""train.py on a tiny model: LoRA-only updates that follow the advantage, exact resume, refusals."""
+"""train.py on a tiny model: LoRA-only updates that follow the advantage, whole checkpoints, exact resume, refusals."""
 
 import asyncio
+import io
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -94,30 +96,133 @@ def test_equal_rewards_leave_the_adapter_alone():
     assert all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
 
 
-def test_train_runs_end_to_end_and_resume_matches_an_unstopped_run(tiny_model_dir, tmp_path):
-    # Sampling at temperature 1: seeded per rollout, so resuming replays the same draws.
-    common = TINY_RUN + ["--model", tiny_model_dir, "--temperature", "1.0"]
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    train.main(common + ["--out_dir", whole, "--eval_n", "1"])
-    train.main(common + ["--out_dir", parts, "--steps", "1"])
-    train.main(common + ["--out_dir", parts, "--resume"])
+def test_the_update_checkpoints_activations_even_before_any_sampling():
+    policy = make_tiny_policy(seed=7)
+    policy.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.model.eval()  # as a model may come to its first update (HF skips checkpointing in eval mode)
+    rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
+    mlp_calls = []
+    policy.model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+    train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3), rollouts, [1.0, 0.0], config())
+    assert len(mlp_calls) == 2  # two short rows, one micro-batch: its forward, and again in backward
 
+
+def run_flags(model_dir, out_dir):
+    """TINY_RUN on the tiny model, sampling at temperature 1 (seeded per rollout, so a resumed run
+    replays the same draws), with an evaluation at the end."""
+    return TINY_RUN + ["--model", model_dir, "--temperature", "1.0", "--eval_n", "1", "--out_dir", out_dir]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model_dir, tmp_path_factory):
+    """The out_dir of an unstopped run of run_flags: 2 steps, a checkpoint after each, an evaluation at the end."""
+    out_dir = str(tmp_path_factory.mktemp("whole"))
+    train.main(run_flags(tiny_model_dir, out_dir))
+    return out_dir
+
+
+def test_train_runs_end_to_end(whole_run):
     for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "adapter/adapter_model.safetensors",
-                 "checkpoint/state.pt"):
-        assert os.path.exists(os.path.join(whole, name)), name
-    metrics = [json.loads(line) for line in open(os.path.join(whole, "metrics.jsonl"))]
+                 "checkpoint/state.pt", "checkpoint/adapter/adapter_model.safetensors"):
+        assert os.path.exists(os.path.join(whole_run, name)), name
+    metrics = [json.loads(line) for line in open(os.path.join(whole_run, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward", "correctness", "cost_penalty", "latency_penalty", "accuracy", "generated_tokens",
                 "llm_query", "rlm_query", "depth", "critical_path", "rollout_seconds", "update_seconds",
                 "grad_norm", "clip_fraction", "kl", "zero_spread", "lr"):
         assert key in metrics[0], key
-    resumed = [json.loads(line) for line in open(os.path.join(parts, "metrics.jsonl"))]
-    assert [m["step"] for m in resumed] == [1, 2]
-    a = load_file(os.path.join(whole, "adapter", "adapter_model.safetensors"))
-    b = load_file(os.path.join(parts, "adapter", "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    adapter = load_file(os.path.join(whole_run, "adapter", "adapter_model.safetensors"))
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
+    assert sorted(os.listdir(whole_run)) == ["adapter", "checkpoint", "eval.jsonl", "metrics.jsonl", "samples.jsonl"]
+
+
+class Killed(BaseException):
+    """A crash: like a SIGKILL, nothing in train.py catches it."""
+
+
+def fail_on_call(monkeypatch, target, name, error, n, counts=lambda *args: True, first=None):
+    """The n-th call of target.name that `counts` raises `error`, after first(real, *args) if given."""
+    real, calls = getattr(target, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(counts(*args))
+        if sum(calls) == n and calls[-1]:
+            if first:
+                first(real, *args)
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapper)
+
+
+def write_half(torch_save, obj, path):
+    buffer = io.BytesIO()
+    torch_save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+# Each stops the run in step 2 of 2; what the stop leaves must resume to the unstopped run.
+STOPS = {
+    "ctrl-c in the rollouts": dict(target=train, name="collect", error=KeyboardInterrupt, n=2),
+    "crash while writing state.pt": dict(target=torch, name="save", error=Killed, n=2, first=write_half),
+    "crash between the checkpoint's renames": dict(target=os, name="rename", error=Killed, n=2,
+                                                   counts=lambda src, dst: dst.endswith("checkpoint")),
+    "ctrl-c in the final evaluation": dict(target=train, name="run_eval", error=KeyboardInterrupt, n=1),
+}
+
+
+def reproducible(x):
+    """x without what no two runs share: timings, and the log-probs recorded while sampling, whose last
+    bits depend on which rows thread timing put in one batch (the sampled ids do not)."""
+    if isinstance(x, dict):
+        return {k: reproducible(v) for k, v in x.items()
+                if "seconds" not in k and k not in ("started", "ended", "sampling_logprobs")}
+    return [reproducible(v) for v in x] if isinstance(x, list) else x
+
+
+def read_lines(path):
+    return [reproducible(json.loads(line)) for line in open(path)]
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_resume_with_no_flags_continues_a_stopped_run_to_the_unstopped_result(stop, whole_run, tiny_model_dir,
+                                                                              tmp_path, monkeypatch):
+    parts = str(tmp_path / "parts")
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, **STOPS[stop])
+        with pytest.raises((SystemExit, Killed)):
+            train.main(run_flags(tiny_model_dir, parts))
+    train.main(["--resume", "--out_dir", parts])  # from a whole checkpoint, whatever the stop left
+    for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl"):
+        assert read_lines(os.path.join(parts, name)) == read_lines(os.path.join(whole_run, name)), name
+    for name in ("adapter", "checkpoint/adapter"):
+        a = load_file(os.path.join(whole_run, name, "adapter_model.safetensors"))
+        b = load_file(os.path.join(parts, name, "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert sorted(os.listdir(parts)) == sorted(os.listdir(whole_run))  # no half-written folder left behind
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--group_size", "4"], "--group_size: saved 2, given 4"),
+    (["--cost_weight", "0.2", "--lora_rank", "8"], "--cost_weight: saved 0.1, given 0.2\n  - --lora_rank: saved 16"),
+    (["--model", "another-model"], "--model: saved"),
+    (["--steps", "1"], "the checkpoint has done 2 steps"),
+])
+def test_resume_refuses_flags_that_would_make_another_experiment(flags, message, whole_run):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--out_dir", whole_run] + flags)
+    assert message in str(exit_info.value)
+
+
+def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_run, tmp_path):
+    out_dir = str(tmp_path / "longer")
+    shutil.copytree(whole_run, out_dir)
+    train.main(["--resume", "--out_dir", out_dir, "--steps", "3", "--eval_every", "1", "--group_size", "2"])
+    assert [m["step"] for m in read_lines(os.path.join(out_dir, "metrics.jsonl"))] == [1, 2, 3]
+    assert [e["step"] for e in read_lines(os.path.join(out_dir, "eval.jsonl"))] == [2, 3]
+    state = torch.load(os.path.join(out_dir, "checkpoint", "state.pt"), weights_only=False)
+    assert state["step"] == 3 and state["config"]["steps"] == 3 and state["config"]["max_new_tokens"] == 16
 
 
 @pytest.mark.parametrize("flags, message", [
