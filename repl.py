@@ -5,7 +5,7 @@ The long input never enters the model's prompt. It is the variable `context` in 
 process started here; the model's code runs there, keeps its variables between cells,
 and calls a model again through the parent's `handler`:
 
-    async with REPL(context, handler=handler, timeout=30.0) as repl:
+    async with REPL(context, handler=handler, timeout=30.0, setup="import re") as repl:
         observation = await repl.execute("print(len(context))")   # what the model sees next
         repl.answer   # None until the code calls FINAL(value), then str(value)
 
@@ -15,16 +15,26 @@ and calls a model again through the parent's `handler`:
 The model's namespace: `context` (a str, or a list or dict of str), FINAL(value),
 FINAL_VAR(name), llm_query(prompt), rlm_query(query, context), their awaitable twins
 llm_query_async and rlm_query_async, and llm_query_batched(prompts), which runs them
-concurrently and puts "Error: <message>" in the slot of a prompt that failed. Each
-sub-call is one dict awaited by the handler, {"fn": "llm_query", "prompt": str} or
-{"fn": "rlm_query", "query": str, "context": obj}; handler calls run concurrently, a
-handler exception is raised in the model's code, and waiting on sub-calls does not
-count against `timeout`.
+concurrently and puts "Error: <message>" in the slot of a prompt that failed; then
+whatever the `setup` code defines (run before the first cell and after every restart).
+FINAL ends the cell: the code after it does not run (unless the code catches
+BaseException), and a cell's first FINAL is its answer.
+
+Each sub-call is one dict awaited by the handler, {"fn": "llm_query", "prompt": str} or
+{"fn": "rlm_query", "query": str, "context": obj}, plus "id", its number in the order
+the code made its requests, and "received", the ids of earlier requests whose replies
+the code had taken since its previous request. Requests reach the handler in code order,
+and replies reach the code in that order too (a reply waits for those asked before it),
+so for code that does not read the clock the sequence of requests, and what each one
+knows has finished, never depends on which sub-call was fastest. Handler calls run
+concurrently, a handler exception is raised in the model's code, and waiting on
+sub-calls does not count against `timeout`.
 
 Bad code gets a clear observation, never an exception out of `execute`: tracebacks of
 the model's own lines; SIGINT after `timeout` seconds (variables kept), then a kill and
 restart if that did not stop it, as after exit codes, signals or a broken protocol (the
-observation says variables were lost and `context` reloaded); RLIMIT_AS at `memory_mb`;
+setup code runs again, and the observation says what was restored and that the other
+variables were lost); RLIMIT_AS at `memory_mb`;
 output cut to `max_output_chars` (head and tail, and how much was left out).
 
 Imports are limited to ALLOWED_MODULES, and open/input/breakpoint are refused. This
@@ -153,6 +163,10 @@ def _exit(code=None):
     raise SystemExit(code)
 
 
+class _Final(BaseException):
+    """Raised by FINAL to end the cell quietly; a BaseException so `except Exception` lets it by."""
+
+
 def _result(fn, reply):
     if "error" in reply:
         raise RuntimeError(f"{fn} failed: {reply['error']}")
@@ -190,7 +204,8 @@ class _Child:
         self.max_chars, self.has_handler = init["max_output_chars"], init["has_handler"]
         self.pending = {}                      # request id -> callback, called by the reader thread
         self.commands = queue.SimpleQueue()    # exec requests from the parent
-        self.next_id = self.cells = 0
+        self.next_id, self.cells = init["first_id"], 0   # ids stay unique across restarts
+        self.received = []                     # ids whose replies the code took since its last request
         self.running = self.sending = self.interrupt_pending = False
         self.loop = self.task = None           # made by the first top-level await; the cell's task
         self.interrupted = False
@@ -207,6 +222,13 @@ class _Child:
             "llm_query_async": lambda prompt: self.call_async("llm_query", prompt),
             "rlm_query_async": lambda query, context: self.call_async("rlm_query", query, context),
             "llm_query_batched": self.llm_query_batched}
+        self.restore()
+        before = set(self.ns)
+        try:
+            exec(compile(init["setup"], "<setup>", "exec"), self.ns)
+        except Exception as exc:
+            raise RuntimeError(f"the setup code failed: {exc!r}") from None
+        self.setup_names = sorted(set(self.ns) - before)
         self.restore()
 
     def restore(self):
@@ -267,39 +289,47 @@ class _Child:
         self.next_id += 1
         self.pending[self.next_id] = on_reply
         try:
-            self.send({"op": "request", "id": self.next_id, "fn": fn, **fields})
+            self.send({"op": "request", "id": self.next_id, "fn": fn, **fields, "received": self.received})
         except (TypeError, ValueError):   # from json: the context was not plain data
             del self.pending[self.next_id]
             raise TypeError(f"{fn} needs a context made of str, list and dict (JSON data), "
                             f"got {type(context[0]).__name__}") from None
+        self.received = []
+        return self.next_id
 
     def call(self, fn, *args):
         replies = queue.SimpleQueue()
-        self.request(fn, replies.put, *args)
-        return _result(fn, replies.get())
+        request_id = self.request(fn, replies.put, *args)
+        reply = replies.get()
+        self.received.append(request_id)
+        return _result(fn, reply)
 
     async def call_async(self, fn, *args):
         import asyncio
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         settle = lambda reply: future.done() or future.set_result(reply)  # noqa: E731
-        self.request(fn, lambda reply: loop.call_soon_threadsafe(settle, reply), *args)
-        return _result(fn, await future)
+        request_id = self.request(fn, lambda reply: loop.call_soon_threadsafe(settle, reply), *args)
+        reply = await future
+        self.received.append(request_id)
+        return _result(fn, reply)
 
     def llm_query_batched(self, prompts):
         prompts, replies = list(prompts), queue.SimpleQueue()
         if not all(isinstance(prompt, str) for prompt in prompts):
             raise TypeError("llm_query_batched needs a list of str prompts")
-        for i, prompt in enumerate(prompts):
-            self.request("llm_query", lambda reply, i=i: replies.put((i, reply)), prompt)
+        ids = [self.request("llm_query", lambda reply, i=i: replies.put((i, reply)), prompt)
+               for i, prompt in enumerate(prompts)]
         results = [None] * len(prompts)
         for _ in prompts:
             i, reply = replies.get()
             results[i] = f"Error: {reply['error']}" if "error" in reply else reply["result"]
+        self.received += ids
         return results
 
     def final(self, value):
         self.send({"op": "final", "value": _clean(str(value))})
+        raise _Final
 
     def final_var(self, name):
         if name not in self.ns:
@@ -330,6 +360,8 @@ class _Child:
                     out.write(repr(value) + "\n")
             finally:
                 self.running = False
+        except _Final:
+            self.ns.pop(_LAST, None)
         except BaseException as exc:   # KeyboardInterrupt here means the time limit stopped it
             self.ns.pop(_LAST, None)
             _model_frames_only(exc, set())
@@ -404,7 +436,7 @@ def _child_main(memory_mb):
         os._exit(1)
     signal.signal(signal.SIGINT, child.on_sigint)
     threading.Thread(target=child.read_forever, args=(in_file,), daemon=True).start()
-    child.send({"op": "ready"})
+    child.send({"op": "ready", "setup_names": child.setup_names})
     while True:
         msg = child.commands.get()
         if msg["op"] == "exec":
@@ -426,15 +458,18 @@ import inspect  # noqa: E402
 class REPL:
     """One model's REPL. context: str, or list or dict of str. handler: async fn(request) -> str
     serving the sub-calls (None: they raise). timeout: seconds of execution per cell, not
-    counting sub-call waits. max_output_chars: observation size. memory_mb: child's RLIMIT_AS."""
+    counting sub-call waits. max_output_chars: observation size. memory_mb: child's RLIMIT_AS.
+    setup: code run before the first cell and after every restart (imports, promised names)."""
 
     def __init__(self, context, handler=None, timeout=30.0, max_output_chars=20_000,
-                 memory_mb=2048):
+                 memory_mb=2048, setup=""):
         self.context, self.handler, self.timeout = context, handler, float(timeout)
         self.max_output_chars, self.memory_mb = int(max_output_chars), int(memory_mb)
+        self.setup, self._setup_names = setup, []
         self.answer = None
         self._proc, self._closed, self._lock = None, False, asyncio.Lock()
         self._tasks = set()                            # handler calls in flight
+        self._last_serve, self._last_id = None, 0      # the latest request's task, and its id
         self._cell, self._in_flight, self._idle = 0, 0, asyncio.Event()
         self._note = None                              # news for the next observation
 
@@ -456,7 +491,8 @@ class REPL:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL, env={})
         init = {"context": self.context, "max_output_chars": self.max_output_chars,
-                "memory_mb": self.memory_mb, "has_handler": self.handler is not None}
+                "memory_mb": self.memory_mb, "has_handler": self.handler is not None,
+                "setup": self.setup, "first_id": self._last_id}
         try:
             await self._send(self._proc, init)
             msg = await asyncio.wait_for(self._read(), START_TIMEOUT_S)
@@ -465,8 +501,11 @@ class REPL:
             msg = {"op": "fatal", "error": repr(exc)}
         if msg.get("op") != "ready":
             await self._kill()
-            raise RuntimeError(f"the REPL process could not start ({msg.get('error')}); if the "
-                               f"context is large, raise memory_mb (now {self.memory_mb})")
+            error = str(msg.get("error"))
+            advice = ("" if "setup code failed" in error else
+                      f"; if the context is large, raise memory_mb (now {self.memory_mb})")
+            raise RuntimeError(f"the REPL process could not start ({error}){advice}")
+        self._setup_names = msg["setup_names"]
 
     async def close(self):
         self._closed = True
@@ -480,15 +519,21 @@ class REPL:
                 return await self._run_cell(code)
             except BaseException:   # e.g. cancelled mid-cell: the child's stream is out of step
                 await self._kill()
-                self._note = ("The previous execution was cancelled, so the REPL was restarted: "
-                              "all variables were lost and `context` was reloaded.")
+                self._note = f"The previous execution was cancelled, so the REPL was restarted: {self._kept()}"
                 raise
+
+    def _kept(self):
+        """What a restart keeps (the child reloads it) and loses, for the observation."""
+        setup = f", as were {', '.join(self._setup_names)}" if self._setup_names else ""
+        return (f"`context` was reloaded and FINAL, llm_query and the other REPL functions restored{setup}; "
+                "all other variables were lost.")
 
     async def _run_cell(self, code):
         self._cell += 1
         cell, self._in_flight = self._cell, 0
         notes, self._note = [self._note] if self._note else [], None
         self._idle.set()
+        answered = False   # the cell's first FINAL is its answer, even if the code caught the stop
         used, stop_at, reading = 0.0, None, None   # used: seconds of execution, waits excluded
         try:
             await self._send(self._proc, {"op": "exec", "code": code})
@@ -513,11 +558,13 @@ class REPL:
                     if msg["op"] == "request":
                         self._in_flight += 1
                         self._idle.clear()
-                        task = asyncio.ensure_future(self._serve(self._proc, cell, msg))
+                        self._last_id = msg["id"]
+                        task = asyncio.ensure_future(self._serve(self._proc, cell, msg, self._last_serve))
+                        self._last_serve = task
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                    elif msg["op"] == "final":
-                        self.answer = msg["value"]
+                    elif msg["op"] == "final" and not answered:
+                        self.answer, answered = msg["value"], True
                     elif msg["op"] == "done":
                         return self._observation(msg, notes)
                 elif stop_at is None and used >= self.timeout:   # soft stop: KeyboardInterrupt
@@ -530,13 +577,11 @@ class REPL:
                     reading.cancel()   # before the kill, or its end-of-file error goes unread
                     await self._restart()
                     return (f"TimeoutError: the code ran longer than the {self.timeout:g} s time "
-                            "limit and did not stop when interrupted, so the REPL was restarted: "
-                            "all variables were lost and `context` was reloaded.")
+                            f"limit and did not stop when interrupted, so the REPL was restarted: {self._kept()}")
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, KeyError, TypeError):
             how = await self._how_it_ended()
             await self._restart()
-            return (f"The REPL process {how} while running this code, so it was restarted: "
-                    "all variables were lost and `context` was reloaded.")
+            return f"The REPL process {how} while running this code, so it was restarted: {self._kept()}"
         finally:
             if reading is not None:
                 reading.cancel()
@@ -553,8 +598,8 @@ class REPL:
         text = "\n".join(part for part in (text.rstrip("\n"), *notes) if part)
         return text or "(no output)"
 
-    async def _serve(self, proc, cell, msg):
-        request = {key: value for key, value in msg.items() if key not in ("op", "id")}
+    async def _serve(self, proc, cell, msg, asked_before):
+        request = {key: value for key, value in msg.items() if key != "op"}
         try:
             result = self.handler(request)
             reply = {"result": str(await result if inspect.isawaitable(result) else result)}
@@ -565,6 +610,8 @@ class REPL:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.set()
+        if asked_before is not None:   # replies reach the code in the order it asked
+            await asyncio.wait([asked_before])
         try:
             await self._send(proc, {"op": "reply", "id": msg["id"], **reply})
         except (ConnectionError, RuntimeError):
@@ -597,7 +644,7 @@ class REPL:
         await self.start()
 
     async def _kill(self):
-        tasks, self._tasks = list(self._tasks), set()
+        tasks, self._tasks, self._last_serve = list(self._tasks), set(), None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -622,4 +669,4 @@ if __name__ == "__main__":
     asyncio.run(_demo(sys.argv[1] if len(sys.argv) > 1 else (
         "import asyncio\nchunks = [context[i:i + 5000] for i in range(0, len(context), 5000)]\n"
         "replies = await asyncio.gather(*[llm_query_async('Summarise:\\n' + c) for c in chunks])\n"
-        "FINAL(replies[0])\nlen(chunks), replies[:2]")))
+        "print(len(chunks), replies[:2])\nFINAL(replies[0])")))

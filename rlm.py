@@ -3,15 +3,16 @@ The Recursive Language Model: a policy that answers a query about a long input b
 writing code against it in a REPL and calling itself on pieces, to any depth.
 
     python rlm.py --query "What is the magic number for the key 'blue-otter'?" --context notes.txt
-    python rlm.py --query "..." --context big.txt --max-depth 3 --adapter out/adapter
+    python rlm.py --query "..." --context notes.txt --html trace.html     # the call tree as a page (view.py)
+    python rlm.py --query "..." --context big.txt --max-depth 3 --adapter out/train/adapter
 
 How one rollout goes. The root call sees a system prompt that teaches the REPL's API and
 a user message with the query and a description of the context (type, size, a short
 preview), never the context itself. Each turn it samples a reply; the ```repl (or
 ```python) blocks of the reply run in the call's own REPL, whose output comes back as
-the next user message. The call ends when its code calls FINAL(value) (or the reply
-writes FINAL(...) as plain text), or when turns run out, after one last turn that asks
-for the answer. Code may call `llm_query(prompt)` (one plain completion) or
+the next user message. The call ends at the reply's first FINAL(value), called by code
+or written as plain text (nothing after it runs), or when turns run out, after one last
+turn that asks for the answer. Code may call `llm_query(prompt)` (one plain completion) or
 `rlm_query(query, context)` (a child RLM with its own REPL at depth + 1; at max depth a
 plain completion instead), synchronously or concurrently with their async twins.
 
@@ -22,17 +23,25 @@ event loop, so REPLs keep running while the model generates.
 Deliberate simplifications, one line each:
 - each turn re-prefills the whole conversation (no KV cache across turns); prompt tokens are counted that way.
 - a batch samples up to the largest max_new_tokens asked for and cuts each reply to its own limit.
-- budgets are per rollout (generated tokens, number of sub-calls), reserved before sampling so they are never exceeded.
+- budgets (generated tokens, sub-calls) are handed down the call tree, not first come, first served: a
+  sub-call gets up to a fixed share of its parent's, in the order the code asked, and gives back the rest at
+  points the code fixes, so no budget depends on timing; the price: a grant sits idle while it runs (see RLM).
 - with a seed, each sample's randomness comes from (seed, the call's path in the tree, turn), so a
-  rollout does not depend on how requests happened to be batched.
+  rollout does not depend on how requests happened to be batched; call ids follow the tree too.
 - "synchronous" sub-calls (allow_async=False) means the sub-calls of one REPL are served one at a time.
 - latency is counted in generated tokens on the critical path, not seconds (seconds are reported beside it).
+  A sub-call waits for the earlier ones of its turn whose replies its code had received before asking
+  (all earlier ones when they are served one at a time): what the code did, not which call was faster.
 """
 
 import argparse
 import asyncio
 import dataclasses
 import json
+import os
+
+# Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import re
 import time
 import zlib
@@ -41,11 +50,10 @@ from dataclasses import dataclass, field
 from repl import REPL
 
 CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL)
-TEXT_FINAL = re.compile(r"FINAL\((.*)\)", re.DOTALL)
 
 
 class BudgetExhausted(RuntimeError):
-    """Raised inside a rollout when its token or sub-call budget is spent."""
+    """Raised inside a rollout when a call's share of the token or sub-call budget is spent."""
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +191,7 @@ def system_prompt(can_recurse, allow_async):
         "and you see what it prints. Variables persist between blocks.",
         "",
         "Available in the REPL:",
-        "- `context`: the input. `query`: the query, a str.",
+        "- `context`: the input. `query`: the query, a str. The modules asyncio, json, math and re are imported.",
         "- `llm_query(prompt)` -> str: ask a language model about a short text, e.g. one chunk of the context.",
     ]
     if can_recurse:
@@ -194,7 +202,8 @@ def system_prompt(can_recurse, allow_async):
         lines.append("- `await llm_query_async(prompt)`" + (", `await rlm_query_async(query, context)`"
                      if can_recurse else "") + ": the same, to run many at once with `await asyncio.gather(...)`.")
     lines += [
-        "- `FINAL(answer)`: call it with the answer when you know it.",
+        "- `FINAL(answer)`: call it with the answer when you know it. The first FINAL ends your work: "
+        "nothing after it runs.",
         "",
         "Look at the context with code (len, slicing, re, splitting into chunks), ask sub-questions on "
         "chunks, combine the results, then call FINAL. Example:",
@@ -231,6 +240,40 @@ LAST_TURN = "You are out of turns. Reply with FINAL(your answer) now."
 # The RLM
 
 
+class _Budget:
+    """What one call and the sub-calls it starts may still spend. Its own replies draw on it
+    one at a time; a sub-call is lent a share, which comes back only at points the code fixes."""
+
+    def __init__(self, tokens, sub_calls):
+        self.tokens = tokens  # generated tokens
+        self.sub_calls = sub_calls  # sub-calls below this call, of any kind and depth
+        self.lent = {}  # REPL request id -> the budget lent to that sub-call
+        self.ended = asyncio.Event()  # set when the call it belongs to has ended
+
+    def lend(self, request_id, tokens, sub_calls):
+        """A sub-call's budget: up to `tokens`, and `sub_calls` counting the sub-call itself."""
+        tokens, sub_calls = min(tokens, self.tokens), min(sub_calls, self.sub_calls)
+        if sub_calls < 1:
+            raise BudgetExhausted("this call's share of the rollout's sub-call budget is spent; "
+                                  "combine what you have and call FINAL")
+        if tokens < 1:
+            raise BudgetExhausted("this call's share of the rollout's token budget is spent; "
+                                  "combine what you have and call FINAL")
+        self.tokens, self.sub_calls = self.tokens - tokens, self.sub_calls - sub_calls
+        self.lent[request_id] = child = _Budget(tokens, sub_calls - 1)
+        return child
+
+    def take_back(self, request_id):
+        child = self.lent.pop(request_id, None)
+        if child is not None:  # a refused request was never lent anything
+            self.tokens, self.sub_calls = self.tokens + child.tokens, self.sub_calls + child.sub_calls
+
+    async def take_back_all(self):
+        await asyncio.gather(*[child.ended.wait() for child in self.lent.values()])
+        for request_id in list(self.lent):
+            self.take_back(request_id)
+
+
 class _RolloutState:
     """Mutable bookkeeping shared by every call of one rollout."""
 
@@ -238,10 +281,13 @@ class _RolloutState:
         self.seed = seed
         self.paths = {}  # call id -> its path in the tree, e.g. (0, 2): the root's third sub-call's first
         self.calls = []
-        self.generated = 0  # sampled so far
-        self.reserved = 0  # asked for by samples in flight
-        self.sub_calls = 0
-        self.clock = 0  # logical clock: orders sub-call starts and ends
+        self.budgets = {}  # call id -> _Budget
+        self.clock = 0  # logical clock: orders sub-call starts and ends, for display only
+        # For the critical path, per call and reset each turn: which sub-call each REPL request
+        # started, and which of them the code knows have ended (it received their replies, or
+        # they belong to an earlier cell of the turn, all of whose sub-calls end before the next).
+        self.requested = {}  # call id -> {REPL request id: sub-call id}
+        self.known_ended = {}  # call id -> sub-call ids
 
     def tick(self):
         self.clock += 1
@@ -249,8 +295,21 @@ class _RolloutState:
 
 
 class RLM:
+    """Runs rollouts of one policy as recursive language models.
+
+    Budgets are handed down the call tree so that no budget depends on timing. The root owns
+    max_generated_tokens and max_sub_calls. When code asks for a sub-call, the call grants it
+    a share of what it has left, at once and in the order the code asked: an llm_query (or an
+    rlm_query at max_depth) gets up to max_new_tokens and one sub-call, an rlm_query up to
+    max_child_tokens and max_child_sub_calls (one of them for itself); a request that would get
+    nothing fails in the code with BudgetExhausted. A call's own replies draw on its share.
+    What a sub-call leaves unused returns to its parent when the parent's code, having
+    received its reply, asks for another sub-call, or else when the parent's code cell ends.
+    """
+
     def __init__(self, batcher, *, max_depth=2, max_turns=6, max_new_tokens=256, max_sub_calls=16,
-                 max_generated_tokens=4096, max_call_tokens=8192, allow_async=True, allow_rlm_query=True,
+                 max_generated_tokens=4096, max_child_tokens=None, max_child_sub_calls=None,
+                 max_call_tokens=8192, allow_async=True, allow_rlm_query=True,
                  repl_timeout=10.0, max_output_chars=2000, preview_chars=300, on_sample=None):
         self.batcher = batcher
         self.policy = batcher.policy
@@ -259,6 +318,10 @@ class RLM:
         self.max_new_tokens = max_new_tokens  # per sampled reply
         self.max_sub_calls = max_sub_calls  # per rollout, every kind and depth together
         self.max_generated_tokens = max_generated_tokens  # per rollout, the whole tree
+        # The share an rlm_query is granted: by default a quarter of each budget (at least one
+        # reply's worth), so a few concurrent children each get a turn and leave some behind.
+        self.max_child_tokens = max_child_tokens or max(max_new_tokens, max_generated_tokens // 4)
+        self.max_child_sub_calls = max_child_sub_calls or max(1, max_sub_calls // 4)
         self.max_call_tokens = max_call_tokens  # one call's conversation must fit the model's window
         self.allow_async = allow_async
         self.allow_rlm_query = allow_rlm_query
@@ -269,33 +332,32 @@ class RLM:
     async def run(self, query, context, seed=None):
         """One rollout. With a seed, its samples are reproducible whatever else runs beside it."""
         state = _RolloutState(seed)
-        answer = await self._rlm_call(state, query, context, depth=0, parent=None, kind="root")
-        for call in reversed(state.calls):  # children come after their parents
-            _finish_cost(call, state.calls)
-        root = state.calls[0]
-        return Rollout(query, answer, state.calls, root.cost, self.max_generated_tokens)
+        root = self._new_call(state, None, "root", 0, query)
+        state.budgets[root.id] = _Budget(self.max_generated_tokens, self.max_sub_calls)
+        answer = await self._rlm_call(state, root, context)
+        calls = _in_tree_order(state.calls, state.paths)
+        for call in reversed(calls):  # children come after their parents
+            _finish_cost(call, calls)
+        return Rollout(query, answer, calls, calls[0].cost, self.max_generated_tokens)
 
-    # --- one generation, with budgets
+    # --- one generation, within the call's budget
 
     async def _generate(self, state, call, max_new_tokens):
-        remaining = self.max_generated_tokens - state.generated - state.reserved
+        budget = state.budgets[call.id]
         window = self.max_call_tokens - len(call.token_ids)
-        n = min(max_new_tokens, remaining, window)
+        n = min(max_new_tokens, budget.tokens, window)
         if n <= 0:
             raise BudgetExhausted(
-                "the token budget of this rollout is spent" if remaining <= 0
+                "this call's share of the rollout's token budget is spent" if budget.tokens <= 0
                 else "this call's conversation has filled the model's context window")
-        state.reserved += n
         seed = None
         if state.seed is not None:
             path = f"{state.seed}/{state.paths[call.id]}/{len(call.prompt_lengths)}"
             seed = zlib.crc32(path.encode())
         call.prompt_lengths.append(len(call.token_ids))
-        try:
-            sample = await self.batcher.sample(call.token_ids, n, seed)
-        finally:
-            state.reserved -= n
-        state.generated += len(sample.token_ids)
+        # A call lends nothing while it samples (its code is not running), so no reservation is needed.
+        sample = await self.batcher.sample(call.token_ids, n, seed)
+        budget.tokens -= len(sample.token_ids)
         call.append(sample.token_ids, True, sample.logprobs)
         if self.on_sample:
             self.on_sample(len(sample.token_ids))
@@ -311,8 +373,8 @@ class RLM:
 
     # --- a plain completion
 
-    async def _llm_call(self, state, prompt, depth, parent):
-        call = self._new_call(state, parent, "llm_query", depth, prompt)
+    async def _llm_call(self, state, call):
+        call.started, prompt = time.time(), call.query
         limit = self.max_call_tokens - self.max_new_tokens
         ids = self.policy.chat_ids([{"role": "user", "content": prompt}])
         while len(ids) > limit:  # cut the middle; the question usually sits at one end
@@ -330,9 +392,9 @@ class RLM:
 
     # --- a full recursive call
 
-    async def _rlm_call(self, state, query, context, depth, parent, kind):
-        call = self._new_call(state, parent, kind, depth, query)
-        can_recurse = self.allow_rlm_query and depth < self.max_depth
+    async def _rlm_call(self, state, call, context):
+        call.started, query = time.time(), call.query
+        can_recurse = self.allow_rlm_query and call.depth < self.max_depth
         messages = [{"role": "system", "content": system_prompt(can_recurse, self.allow_async)},
                     {"role": "user", "content": user_prompt(query, context, self.preview_chars)}]
         call.append(self.policy.chat_ids(messages), False)
@@ -341,11 +403,12 @@ class RLM:
         async def handler(request):
             return await self._sub_call(state, call, request, lock)
 
+        # The query is a variable too, so code can pass it on to sub-calls. Setup code runs
+        # again after a restart, so what the system prompt promises is always there.
+        setup = f"import asyncio, json, math, re\nquery = {query!r}"
         try:
             async with REPL(context, handler=handler, timeout=self.repl_timeout,
-                            max_output_chars=self.max_output_chars) as repl:
-                # The query is a variable too, so code can pass it on to sub-calls.
-                await repl.execute(f"import asyncio, json, math, re\nquery = {query!r}")
+                            max_output_chars=self.max_output_chars, setup=setup) as repl:
                 for turn in range(self.max_turns + 1):
                     try:
                         sample = await self._generate(state, call, self.max_new_tokens)
@@ -354,11 +417,9 @@ class RLM:
                                            "sub_calls": []})
                         break
                     reply = self.policy.decode(strip_eos(sample.token_ids, self.policy.eos_token_ids))
-                    record = {"reply": reply, "code": CODE_BLOCK.findall(reply), "observation": None,
-                              "sub_calls": []}
+                    record = {"reply": reply, "code": [], "observation": None, "sub_calls": []}
                     call.turns.append(record)
-                    observation = await self._run_code(repl, record)
-                    call.answer = repl.answer if repl.answer is not None else _text_final(reply)
+                    observation, call.answer = await self._run_reply(state, call, repl, record)
                     if call.answer is not None or turn == self.max_turns:
                         break
                     if turn == self.max_turns - 1:
@@ -370,64 +431,140 @@ class RLM:
             call.ended = time.time()
         return call.answer
 
-    async def _run_code(self, repl, record):
-        if not record["code"]:
+    async def _run_reply(self, state, call, repl, record):
+        """Run the reply's code blocks in order until the first FINAL, in code or in the text
+        between blocks. -> (observation, answer or None)."""
+        reply, outputs, text_from = record["reply"], [], 0
+        requested = state.requested[call.id] = {}
+        for block in CODE_BLOCK.finditer(reply):
+            answer = _text_final(reply[text_from:block.start()])
+            if answer is not None:
+                return "\n".join(outputs), answer
+            record["code"].append(block.group(1))
+            # Every sub-call of the cells before has ended (see take_back_all below).
+            state.known_ended[call.id] = set(requested.values())
+            # Sub-calls made while this runs are recorded on this turn (the call's last).
+            outputs.append(await repl.execute(block.group(1)))
+            # The cell has ended: its sub-calls' leftovers come home (stragglers first finish).
+            await state.budgets[call.id].take_back_all()
+            if repl.answer is not None:
+                return "\n".join(outputs), repl.answer
+            text_from = block.end()
+        answer = _text_final(reply[text_from:])
+        if not outputs and answer is None:
             return ("No ```repl code block found in your reply. Write code in a ```repl block, "
-                    "or call FINAL(answer) when you know the answer.")
-        # Sub-calls made while this runs are recorded on this turn (the call's last).
-        return "\n".join([await repl.execute(code) for code in record["code"]])
+                    "or call FINAL(answer) when you know the answer."), None
+        return "\n".join(outputs), answer
 
     async def _sub_call(self, state, call, request, lock):
+        # Up to the first await this runs as the request arrives, and requests arrive in the
+        # order the code made them: so the grant and the new call's path do not depend on timing.
+        budget, requested = state.budgets[call.id], state.requested[call.id]
+        for request_id in request.get("received", ()):  # sub-calls the code has seen finish
+            budget.take_back(request_id)
+            if request_id in requested:  # not one of an earlier turn's
+                state.known_ended[call.id].add(requested[request_id])
+        # What this sub-call waits for; served one at a time, it waits for every earlier one.
+        after = sorted(state.known_ended[call.id] if lock is None else requested.values())
         fn = request.get("fn")
         if fn == "rlm_query" and not self.allow_rlm_query:
             raise RuntimeError("rlm_query is not available in this run; use llm_query instead")
-        if state.sub_calls >= self.max_sub_calls:
-            raise BudgetExhausted(f"the sub-call budget of this rollout ({self.max_sub_calls}) is spent; "
-                                  "combine what you have and call FINAL")
-        state.sub_calls += 1
+        recurse = fn == "rlm_query" and call.depth < self.max_depth
+        shares = (self.max_child_tokens, self.max_child_sub_calls) if recurse else (self.max_new_tokens, 1)
+        child_budget = budget.lend(request.get("id"), *shares)
+        if recurse:
+            child = self._new_call(state, call.id, "rlm_query", call.depth + 1, request["query"])
+        else:  # llm_query, or rlm_query past max depth: one plain completion
+            prompt = request["prompt"] if fn == "llm_query" else f"{request['query']}\n\n{request['context']}"
+            child = self._new_call(state, call.id, "llm_query", call.depth + 1, prompt)
+        state.budgets[child.id] = child_budget
+        requested[request.get("id")] = child.id
         record = call.turns[-1]
-        if lock is not None:
-            await lock.acquire()
         try:
-            start, child_id = state.tick(), len(state.calls)
-            if fn == "rlm_query" and call.depth + 1 <= self.max_depth:
-                result = await self._rlm_call(state, request["query"], request["context"],
-                                              call.depth + 1, call.id, "rlm_query")
-            else:  # llm_query, or rlm_query past max depth: one plain completion
-                prompt = request["prompt"] if fn == "llm_query" else f"{request['query']}\n\n{request['context']}"
-                result = await self._llm_call(state, prompt, call.depth + 1, call.id)
-            record["sub_calls"].append({"fn": fn, "call": child_id, "start": start, "end": state.tick()})
-        finally:
             if lock is not None:
-                lock.release()
-        return result if result is not None else "(the sub-call gave no answer)"
+                await lock.acquire()
+            try:
+                start = state.tick()
+                result = await (self._rlm_call(state, child, request["context"]) if recurse
+                                else self._llm_call(state, child))
+                record["sub_calls"].append({"fn": fn, "call": child.id, "after": after,
+                                            "start": start, "end": state.tick()})
+            finally:
+                if lock is not None:
+                    lock.release()
+        finally:
+            child_budget.ended.set()
+        if result is None:
+            stopped = any((t["observation"] or "").startswith("[stopped") for t in child.turns)
+            return "(the sub-call gave no answer" + (": its budget ran out)" if stopped else ")")
+        return result
 
 
 def strip_eos(ids, eos_ids):
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
-def _text_final(reply):
-    """FINAL(...) written as plain text outside code counts as the answer."""
-    text = CODE_BLOCK.sub("", reply)
-    match = TEXT_FINAL.search(text)
-    if match is None:
+def _text_final(text):
+    """The value of the first FINAL(...) in plain text: up to its matching parenthesis."""
+    start = text.find("FINAL(")
+    if start < 0:
         return None
-    return match.group(1).strip().strip("'\"").strip()
+    depth, opening = 0, start + len("FINAL")
+    for i in range(opening, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            break
+    else:  # never closed: up to the last ")", if there is one
+        i = text.rfind(")")
+        if i <= opening:
+            return None
+    return text[opening + 1:i].strip().strip("'\"").strip()
 
 
-def longest_chain(intervals):
-    """Max total weight of sub-calls that ran one after another.
+def _in_tree_order(calls, paths):
+    """Renumber calls depth first, children in the order their parent asked: ids that, unlike
+    the order in which concurrent calls happened to start, do not depend on timing."""
+    ordered = sorted(calls, key=lambda c: paths[c.id])
+    new_id = {c.id: i for i, c in enumerate(ordered)}
+    for c in ordered:
+        c.id, c.parent = new_id[c.id], None if c.parent is None else new_id[c.parent]
+        for turn in c.turns:
+            # A sub-call that failed has no record, so nothing can be on a path through it.
+            recorded = {s["call"] for s in turn["sub_calls"]}
+            for s in turn["sub_calls"]:
+                s["call"] = new_id[s["call"]]
+                s["after"] = sorted(new_id[a] for a in s["after"] if a in recorded)
+            turn["sub_calls"].sort(key=lambda s: s["call"])  # in the order asked, not the order they ended
+    return ordered
 
-    intervals: (start, end, weight) on a logical clock. Two calls are sequential when one
-    ended before the other started; overlapping calls ran concurrently, so only the
-    heaviest chain of sequential ones adds to the latency.
+
+def dependencies(sub_calls):
+    """One turn's sub-call records, each after those it waited for, and for each the positions
+    (in that order) of those it waited for. -> (records, after).
+
+    A sub-call waited for the ones in its "after": their replies had reached the code before it
+    asked (or it was served after them). That is fixed by the code alone, so concurrent calls stay
+    concurrent however fast each one was. Traces written before "after" existed fall back to the
+    logical clock: a sub-call waited for those that ended before it started.
     """
-    intervals = sorted(intervals, key=lambda x: x[1])
-    best = []  # best[i]: heaviest chain ending with intervals[i]
-    for i, (start, end, weight) in enumerate(intervals):
-        before = [best[j] for j in range(i) if intervals[j][1] < start]
-        best.append(weight + max(before, default=0))
+    if all("after" in s for s in sub_calls):
+        records = sorted(sub_calls, key=lambda s: s["call"])  # call ids follow the order asked
+        position = {s["call"]: i for i, s in enumerate(records)}
+        return records, [[position[a] for a in s["after"] if a in position] for s in records]
+    records = sorted(sub_calls, key=lambda s: s["end"])
+    return records, [[j for j, t in enumerate(records) if t["end"] < s["start"]] for s in records]
+
+
+def longest_chain(weights, after):
+    """The heaviest chain of calls, each waiting for the one before: the latency they add.
+
+    weights[i]: call i's own latency; after[i]: the positions of the calls that call i waited
+    for, all before i. Calls that did not wait for each other ran concurrently, so only the
+    heaviest chain counts: a loop of sequential calls adds up, a gather takes the maximum.
+    """
+    best = []  # best[i]: the heaviest chain that ends with call i
+    for weight, before in zip(weights, after):
+        best.append(weight + max((best[j] for j in before), default=0))
     return max(best, default=0)
 
 
@@ -437,9 +574,9 @@ def _finish_cost(call, calls):
     cost = Cost(prompt_tokens=sum(call.prompt_lengths), generated_tokens=sum(call.sampled_mask),
                 depth=call.depth, wall_seconds=call.ended - call.started)
     cost.critical_path_tokens = cost.generated_tokens
-    for turn in call.turns:
-        cost.critical_path_tokens += longest_chain(
-            [(s["start"], s["end"], calls[s["call"]].cost.critical_path_tokens) for s in turn["sub_calls"]])
+    for turn in call.turns:  # each turn's sub-calls end before the next turn starts: turns add up
+        records, after = dependencies(turn["sub_calls"])
+        cost.critical_path_tokens += longest_chain([calls[s["call"]].cost.critical_path_tokens for s in records], after)
         for s in turn["sub_calls"]:
             cost.sub_calls[s["fn"]] += 1
     for child in children:
@@ -483,39 +620,51 @@ def format_rollout(rollout, max_chars=600):
 
 
 def main():
+    # Budgets of one run: on CPU sized so that a first run on a long file ends in about two minutes
+    # on 2 cores; a GPU gets the larger ones, as in train.py. Flags you give win over both.
+    # max_call_tokens bounds a sub-call's prompt too: prefilling 8k tokens takes tens of seconds on CPU.
+    cpu_budgets = dict(max_turns=2, max_new_tokens=128, max_sub_calls=4, max_generated_tokens=512, max_call_tokens=4096)
+    gpu_budgets = dict(max_turns=6, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=4096, max_call_tokens=8192)
     parser = argparse.ArgumentParser(description="Run one RLM on a text file and print its call tree.")
     parser.add_argument("--query", required=True)
     parser.add_argument("--context", required=True, help="path of a text file: the long input")
     parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder")
+    parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder, e.g. out/train/adapter")
     parser.add_argument("--max-depth", type=int, default=2)
-    parser.add_argument("--max-turns", type=int, default=6)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--max-sub-calls", type=int, default=16)
-    parser.add_argument("--max-generated-tokens", type=int, default=4096)
+    for name in cpu_budgets:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"default: {cpu_budgets[name]} on CPU, {gpu_budgets[name]} on GPU")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--sync", action="store_true", help="serve sub-calls one at a time")
     parser.add_argument("--trace", default=None, help="write the rollout as one JSONL line here")
+    parser.add_argument("--html", default=None, help="write the rollout as a self-contained page here (view.py)")
     args = parser.parse_args()
 
+    import torch
     from tqdm import tqdm
 
     from lora import load_policy
 
+    budgets = gpu_budgets if torch.cuda.is_available() else cpu_budgets
+    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in budgets.items()}
     with open(args.context, encoding="utf-8", errors="replace") as f:
         context = f.read()
     print(f"loading the policy ({args.model or 'SmolLM2-135M-Instruct'})...", flush=True)
     policy = load_policy(args.model, adapter=args.adapter)
-    bar = tqdm(total=args.max_generated_tokens, desc="generated tokens (budget)", unit="tok")
-    rlm = RLM(Batcher(policy, temperature=args.temperature), max_depth=args.max_depth, max_turns=args.max_turns,
-              max_new_tokens=args.max_new_tokens, max_sub_calls=args.max_sub_calls,
-              max_generated_tokens=args.max_generated_tokens, allow_async=not args.sync, on_sample=bar.update)
+    bar = tqdm(total=budgets["max_generated_tokens"], desc="generated tokens (budget)", unit="tok")
+    rlm = RLM(Batcher(policy, temperature=args.temperature), max_depth=args.max_depth, allow_async=not args.sync,
+              on_sample=bar.update, **budgets)
     rollout = asyncio.run(rlm.run(args.query, context))
     bar.close()
     print(format_rollout(rollout))
     if args.trace:
         write_jsonl([rollout], args.trace)
         print(f"trace written to {args.trace}")
+    if args.html:
+        from view import write_html
+
+        write_html([rollout], args.html, title=f"rlm.py: {args.query}")
+        print(f"page written to {args.html}")
 
 
 if __name__ == "__main__":

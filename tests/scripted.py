@@ -40,7 +40,7 @@ def parse(prompt_text):
 class ScriptedPolicy:
     def __init__(self, script, delay=0.0):
         self.script = script  # prompt text -> reply text
-        self.delay = delay  # seconds per sampling call, so concurrent requests pile up
+        self.delay = delay  # seconds per sampling call (or a function giving them), so requests pile up
         self.eos_token_ids = [EOS]
         self.batch_sizes = []  # one entry per sampling call
         self.prompts = []  # every prompt sampled from, as ids
@@ -59,7 +59,7 @@ class ScriptedPolicy:
         with self._lock:
             self.batch_sizes.append(len(prompts))
             self.prompts += [list(p) for p in prompts]
-        time.sleep(self.delay)
+        time.sleep(self.delay() if callable(self.delay) else self.delay)
         samples = []
         for p in prompts:
             ids = (encode(self.script(self.decode(p))) + [EOS])[:max_new_tokens]

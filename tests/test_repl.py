@@ -67,6 +67,20 @@ def test_final_sets_answer_as_str():
     assert asyncio.run(go()) == "[1, 2]"
 
 
+def test_final_ends_the_cell_and_its_first_value_wins():
+    obs, answer = run_cells(["print('before')\nFINAL('first')\nprint('after')\nllm_query('never')"],
+                            handler=Recorder(delay=0.0))
+    assert obs == ["before"] and answer == "first"
+    # `except Exception` lets the stop through; code that catches everything runs on, but the
+    # cell's first FINAL is still its answer
+    obs, answer = run_cells(["try:\n    FINAL(1)\nexcept Exception:\n    print('caught')\nprint('not here')",
+                             "try:\n    FINAL(2)\nexcept BaseException:\n    pass\nFINAL(3)"])
+    assert obs == ["(no output)", "(no output)"] and answer == "2"
+    obs, answer = run_cells(["import asyncio\nasync def f():\n    FINAL('from a task')\n"
+                             "await asyncio.gather(f())\nprint('not here')"])
+    assert obs == ["(no output)"] and answer == "from a task"
+
+
 def test_context_kinds_str_list_dict():
     assert run_cells(["type(context).__name__, len(context)"], context="abc")[0] == ["('str', 3)"]
     assert run_cells(["context[1]"], context=["a", "b"])[0] == ["'b'"]
@@ -118,9 +132,10 @@ def test_rlm_query_async_and_request_shapes():
     obs, _ = run_cells(["a = llm_query('p')\nb = rlm_query('q', ['x', 'y'])\n"
                         "c = await rlm_query_async('r', {'k': 'v'})\na, b, c"], handler=recorder)
     assert obs == ["('ok:p', 'ok:q', 'ok:r')"]
-    assert recorder.requests == [{"fn": "llm_query", "prompt": "p"},
-                                 {"fn": "rlm_query", "query": "q", "context": ["x", "y"]},
-                                 {"fn": "rlm_query", "query": "r", "context": {"k": "v"}}]
+    # each request also says which earlier replies the code had taken before asking
+    assert recorder.requests == [{"fn": "llm_query", "prompt": "p", "id": 1, "received": []},
+                                 {"fn": "rlm_query", "query": "q", "context": ["x", "y"], "id": 2, "received": [1]},
+                                 {"fn": "rlm_query", "query": "r", "context": {"k": "v"}, "id": 3, "received": [2]}]
 
 
 def test_sync_llm_query_works_inside_the_running_event_loop():
@@ -284,6 +299,47 @@ def test_a_forged_protocol_message_restarts_the_child():
     code = "import random, struct\nrandom._os.write(4, struct.pack('>Q', 4) + b'oops')\nimport time\ntime.sleep(5)"
     obs, _ = run_cells(["x = 1", code, "len(context)"], timeout=10.0)
     assert "malformed message" in obs[1] and "restarted" in obs[1] and obs[2] == "3"
+
+
+def test_setup_runs_again_after_a_restart_and_the_observation_says_what_was_kept():
+    setup = "import json, re\nquery = 'the query'"
+    obs, _ = run_cells(["x = 1\nre = None", "import random\nrandom._os._exit(3)",
+                        "query, re.escape('a.b'), json.dumps([1])", "x"], setup=setup)
+    assert "exit code 3" in obs[1] and "restarted" in obs[1]
+    assert "`context` was reloaded" in obs[1] and "FINAL, llm_query" in obs[1]
+    assert "as were json, query, re" in obs[1] and "all other variables were lost" in obs[1]
+    assert obs[2] == "('the query', 'a\\\\.b', '[1]')"
+    assert "NameError" in obs[3]
+
+
+def test_setup_that_fails_says_so():
+    async def go():
+        async with REPL("ctx", setup="import os"):
+            pass
+    try:
+        asyncio.run(go())
+    except RuntimeError as exc:
+        assert "setup code failed" in str(exc) and "ImportError" in str(exc) and "memory_mb" not in str(exc)
+    else:
+        raise AssertionError("expected the start to fail")
+
+
+def test_requests_reach_the_handler_in_code_order_and_replies_the_code_in_that_order():
+    # The first request is the slowest, so its reply comes last unless it is held in order.
+    class Slow(Recorder):
+        async def __call__(self, request):
+            self.requests.append(request)
+            await asyncio.sleep(0.3 if request["prompt"].endswith("0") else 0.0)
+            return request["prompt"]
+    code = ("import asyncio\nseen = []\nasync def two(i):\n    seen.append(await llm_query_async(f'a{i}'))\n"
+            "    seen.append(await llm_query_async(f'b{i}'))\n"
+            "await asyncio.gather(*[two(i) for i in range(3)])\nprint(seen)\nllm_query_batched(['c0', 'c1'])")
+    handler = Slow()
+    obs, _ = run_cells([code], handler=handler)
+    assert obs == ["['a0', 'a1', 'a2', 'b0', 'b1', 'b2']\n['c0', 'c1']"]
+    assert [(r["id"], r["prompt"], r["received"]) for r in handler.requests] == [
+        (1, "a0", []), (2, "a1", []), (3, "a2", []), (4, "b0", [1]), (5, "b1", [2]), (6, "b2", [3]),
+        (7, "c0", [4, 5, 6]), (8, "c1", [])]
 
 
 def test_child_killed_between_executes_is_restarted():

@@ -1,10 +1,12 @@
 """rlm.py driven by a scripted policy (canned replies, byte-level tokens) and by a tiny real model."""
 
 import asyncio
+import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rlm import RLM, Batcher, longest_chain, read_jsonl, write_jsonl
+from rlm import RLM, Batcher, dependencies, longest_chain, read_jsonl, write_jsonl
 from scripted import EOS, ScriptedPolicy, encode, parse, repl_block
 
 
@@ -129,10 +131,125 @@ def test_sync_mode_serves_sub_calls_one_at_a_time_and_latency_adds_up():
 
 
 def test_longest_chain_by_hand():
-    assert longest_chain([]) == 0
-    assert longest_chain([(1, 2, 5), (3, 4, 7)]) == 12  # one after the other
-    assert longest_chain([(1, 4, 5), (2, 3, 7)]) == 7  # overlapping
-    assert longest_chain([(1, 2, 5), (3, 6, 1), (4, 5, 4), (7, 8, 2)]) == 5 + 4 + 2
+    assert longest_chain([], []) == 0
+    assert longest_chain([5, 7], [[], [0]]) == 12  # one waited for the other
+    assert longest_chain([5, 7], [[], []]) == 7  # concurrent
+    assert longest_chain([5, 1, 4, 2], [[], [0], [0], [0, 1, 2]]) == 5 + 4 + 2
+
+
+def test_dependencies_of_old_traces_fall_back_to_the_clock():
+    # Traces written before "after" existed: a sub-call waited for those that ended before it started.
+    old = [{"call": 3, "start": 4, "end": 5}, {"call": 1, "start": 1, "end": 2}, {"call": 2, "start": 3, "end": 6}]
+    records, after = dependencies(old)
+    assert [s["call"] for s in records] == [1, 3, 2] and after == [[], [0], [0]]
+    new = [{**s, "after": []} for s in old]  # with "after", the clock is ignored: all concurrent here
+    records, after = dependencies(new)
+    assert [s["call"] for s in records] == [1, 2, 3] and after == [[], [], []]
+
+
+# Slow work before it asks, holding the REPL's loop: the sub-call asked before may end first.
+LATER = "async def later(prompt):\n    time.sleep(PAUSE)\n    return await llm_query_async(prompt)\n"
+
+
+def with_random_timing(script, n, seed):
+    """n rollouts at once, each with its own random sampling times (up to twice PAUSE) and gather window."""
+    async def one(rng):
+        policy = ScriptedPolicy(script, delay=lambda: rng.uniform(0.0, 0.2))
+        rlm = RLM(Batcher(policy, gather_window=rng.uniform(0.0, 0.005)), max_new_tokens=1000)
+        return await rlm.run("q", "abcdefghij")
+
+    async def all_of_them():
+        # A thread each, so that one rollout's sampling never waits for another's: its own times are what vary.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(n))
+        return await asyncio.gather(*[one(random.Random(seed + i)) for i in range(n)])
+
+    return asyncio.run(all_of_them())
+
+
+def gen(text):
+    return len(encode(text)) + 1  # a reply's tokens and its end-of-turn token
+
+
+def after_by_query(rollout, call_id=0):
+    """query -> queries of the sub-calls it waited for, for one call's sub-calls."""
+    query = {c.id: c.query for c in rollout.calls}
+    return {query[s["call"]]: [query[a] for a in s["after"]]
+            for turn in rollout.calls[call_id].turns for s in turn["sub_calls"]}
+
+
+def test_gathered_sub_calls_take_the_maximum_however_fast_each_one_is():
+    # The fast sub-call often ends before the slow one is even asked for, so on the clock they
+    # look like a chain; but the code had not received its reply when it asked for the slow one.
+    root = repl_block(f"import time\nPAUSE = 0.1\n{LATER}"
+                      "a, b = await asyncio.gather(llm_query_async('fast'), later('slow'))\nFINAL(a + b)")
+    replies = {"fast": "f" * 5, "slow": "s" * 40}
+
+    def script(text):
+        p = parse(text)
+        return replies[p["query"]] if p["kind"] == "llm" else root
+
+    seen = set()
+    for rollout in with_random_timing(script, 15, seed=0):
+        assert rollout.answer == replies["fast"] + replies["slow"]
+        assert after_by_query(rollout) == {"fast": [], "slow": []}
+        seen.add(rollout.cost.critical_path_tokens)
+    assert seen == {gen(root) + max(gen(replies["fast"]), gen(replies["slow"]))}
+
+
+def test_sequential_sync_sub_calls_add_up():
+    root = repl_block("FINAL([llm_query(c) for c in ['a', 'bb', 'ccc', 'dddd']])")
+    replies = {q: q * 7 for q in ["a", "bb", "ccc", "dddd"]}
+
+    def script(text):
+        p = parse(text)
+        return replies[p["query"]] if p["kind"] == "llm" else root
+
+    seen = set()
+    for repeat in range(5):
+        rng = random.Random(repeat)
+        rollout, _ = run(ScriptedPolicy(script, delay=lambda: rng.uniform(0.0, 0.03)))
+        # each waited for every one before it: the code had each reply before it asked again
+        assert after_by_query(rollout) == {"a": [], "bb": ["a"], "ccc": ["a", "bb"], "dddd": ["a", "bb", "ccc"]}
+        seen.add(rollout.cost.critical_path_tokens)
+    assert seen == {gen(root) + sum(gen(r) for r in replies.values())}
+
+
+def test_a_call_then_a_gather_is_the_first_plus_the_heavier_of_the_gathered():
+    # a = await rlm_query_async(...); then b and c gathered, both after a, neither after the other.
+    root = repl_block(f"import time\nPAUSE = 0.1\n{LATER}"
+                      "a = await rlm_query_async('child', context[:5])\n"
+                      "b, c = await asyncio.gather(llm_query_async(a + '1'), later(a + '2'))\nFINAL(b + c)")
+    child = repl_block("FINAL(context[:3])")
+    replies = {"abc1": "b" * 30, "abc2": "c" * 3}
+
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return replies[p["query"]]
+        return root if p["query"] == "q" else child
+
+    seen = set()
+    for rollout in with_random_timing(script, 15, seed=100):
+        assert rollout.answer == replies["abc1"] + replies["abc2"]
+        assert after_by_query(rollout) == {"child": [], "abc1": ["child"], "abc2": ["child"]}
+        seen.add(rollout.cost.critical_path_tokens)
+    assert seen == {gen(root) + gen(child) + max(gen(replies["abc1"]), gen(replies["abc2"]))}
+
+
+def test_later_cells_of_a_turn_wait_for_every_sub_call_of_the_cells_before():
+    # The second block starts only once the first block's sub-calls have all ended, even one
+    # whose reply its code never took.
+    first = repl_block("t = asyncio.ensure_future(llm_query_async('x'))\nawait asyncio.sleep(0)\nb = llm_query('y')")
+    second = repl_block("c = llm_query('z')\nFINAL(b + c)")
+    replies = {"x": "x" * 20, "y": "y", "z": "z" * 2}
+
+    def script(text):
+        p = parse(text)
+        return replies[p["query"]] if p["kind"] == "llm" else first + "\n" + second
+
+    rollout, _ = run(ScriptedPolicy(script))
+    assert after_by_query(rollout) == {"x": [], "y": [], "z": ["x", "y"]}
+    assert rollout.cost.critical_path_tokens == gen(first + "\n" + second) + gen(replies["x"]) + gen(replies["z"])
 
 
 def test_reply_without_code_gets_an_observation_and_the_rollout_goes_on():
@@ -221,6 +338,86 @@ def test_token_budget_is_never_exceeded():
     rollout, _ = run(ScriptedPolicy(script), max_generated_tokens=300, max_turns=5, max_sub_calls=100)
     assert rollout.cost.generated_tokens <= 300
     assert any("token budget" in (t["observation"] or "") for t in rollout.calls[0].turns)
+
+
+def test_budgets_that_run_out_do_not_depend_on_timing():
+    # Concurrent rlm_query children and llm_query leaves race for a budget too small for all of
+    # them, while sampling takes a random time that differs from repeat to repeat.
+    root_code = ("r = await asyncio.gather(*[rlm_query_async(q, context) for q in 'ACE'], llm_query_async('b'), "
+                 "llm_query_async('d'), return_exceptions=True)\nFINAL([str(x)[:40] for x in r])")
+
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "leaf:" + p["query"] + "." * 15
+        if p["query"] == "root":
+            return repl_block(root_code)
+        return repl_block("x = [llm_query(query + '1')] + llm_query_batched([query + '2', query + '3'])\n"
+                          "FINAL(query + str(x))")
+
+    settings = dict(max_generated_tokens=600, max_new_tokens=200, max_child_tokens=150, max_sub_calls=12,
+                    max_child_sub_calls=4, max_depth=1)
+    outcomes = set()
+    for repeat in range(20):
+        rng = random.Random(repeat)
+        policy = ScriptedPolicy(script, delay=lambda: rng.uniform(0.0, 0.03))
+        rlm = RLM(Batcher(policy, gather_window=rng.uniform(0.001, 0.01)), **settings)
+        rollout = asyncio.run(rlm.run("root", "abcdefghij", seed=7))
+        assert rollout.cost.generated_tokens <= 600 and sum(rollout.cost.sub_calls.values()) <= 12
+        outcomes.add((rollout.answer, tuple(rollout.cost.sub_calls.items()), tuple(
+            (c.id, c.parent, c.kind, c.query, sum(c.sampled_mask), c.answer) for c in rollout.calls)))
+    assert len(outcomes) == 1
+    [(answer, sub_calls, calls)] = outcomes
+    # After its 184-token reply the root had 416 tokens: A and C got 150 each, E the last 116, in
+    # the order the code asked; b and d got none. A child's 111-token reply left A and C 39 tokens:
+    # 23 for the first leaf, whose 16 left over came back when the code asked again, so the second
+    # leaf was cut to 16 and the third refused; E's first leaf was cut to 5 and the others refused.
+    assert [(c[1], c[3], c[4]) for c in calls] == [
+        (None, "root", 184), (0, "A", 111), (1, "A1", 23), (1, "A2", 16), (0, "C", 111), (4, "C1", 23),
+        (4, "C2", 16), (0, "E", 111), (7, "E1", 5)]
+    assert answer.count("llm_query failed: BudgetExhausted") == 2 and sub_calls == (("llm_query", 5), ("rlm_query", 3))
+
+
+def test_what_a_sub_call_leaves_comes_back_once_the_code_has_its_reply():
+    # What the root's reply leaves is one sub-call's grant; one after another, every sub-call gets one.
+    root_reply = repl_block("FINAL([llm_query(str(i)) for i in range(6)])")
+    root_tokens = len(encode(root_reply)) + 1
+    policy = ScriptedPolicy(lambda text: "ok" if parse(text)["kind"] == "llm" else root_reply)
+    rollout, _ = run(policy, max_generated_tokens=2 * root_tokens, max_new_tokens=root_tokens)
+    assert rollout.answer == str(["ok"] * 6)
+    assert rollout.cost.generated_tokens == root_tokens + 6 * 3
+
+
+def test_a_restarted_repl_keeps_query_and_the_modules_and_says_what_was_lost():
+    def script(text):
+        p = parse(text)
+        if p["turn"] == 0:
+            return repl_block("x = 1\nimport random\nrandom._os._exit(3)")
+        if p["turn"] == 1:
+            return repl_block("print(query, re.escape('a.b'), json.dumps([math.pi > 3]), asyncio.sleep)\nprint(x)")
+        return "FINAL(done)"
+
+    rollout, _ = run(ScriptedPolicy(script), query="what is x?")
+    first, second = (t["observation"] for t in rollout.calls[0].turns[:2])
+    assert "restarted" in first and "`context` was reloaded" in first
+    assert "as were asyncio, json, math, query, re" in first and "all other variables were lost" in first
+    assert second.startswith("what is x? a\\.b [true] <function sleep") and "NameError: name 'x'" in second
+
+
+def test_the_first_final_ends_the_call():
+    first = repl_block("FINAL('first')\nprint(llm_query('not after FINAL in its cell'))")
+    second = repl_block("llm_query('nor in a later block')\nFINAL('second')")
+
+    def script(text):
+        p = parse(text)
+        return "sub" if p["kind"] == "llm" else f"{first}\n{second}"
+
+    rollout, _ = run(ScriptedPolicy(script))
+    assert rollout.answer == "first" and len(rollout.calls) == 1
+    assert rollout.calls[0].turns[0]["code"] == [first[len("```repl\n"):-len("```")]]  # the blocks that ran
+    # FINAL written as text comes first in this reply, so the code after it does not run
+    rollout, _ = run(ScriptedPolicy(lambda text: "FINAL(f(x) = 2)\n" + second + " FINAL(3)"))
+    assert rollout.answer == "f(x) = 2" and len(rollout.calls) == 1
 
 
 def test_token_ids_obey_the_prefix_property_and_the_trace_round_trips(tmp_path):
