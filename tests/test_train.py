@@ -14,9 +14,11 @@ import train
 from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
 from rlm import RLM, Batcher, Call, Cost, Rollout
 
-TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--lengths", "2000",
-            "--max_turns", "1", "--max_new_tokens", "16", "--max_generated_tokens", "64", "--eval_n", "0",
-            "--checkpoint_every", "1", "--lr", "0.01"]
+# Two warm-start steps (one demonstration of each of niah's 5 strategies, 3 to a step), then 2 RL steps.
+TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--families", "niah", "--lengths", "2000",
+            "--warm_demos", "1", "--warm_epochs", "1", "--warm_batch", "3", "--warm_lengths", "2000",
+            "--max_turns", "1", "--max_new_tokens", "160", "--max_generated_tokens", "512", "--eval_n", "0",
+            "--eval_every", "0", "--eval_lengths", "2000", "--checkpoint_every", "1", "--lr", "0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_update_changes_only_lora_and_raises_log_probs_of_positive_advantage():
     start = rollout_logprob(policy, rollouts[0])
     logprobs = []
     for _ in range(4):  # rollout 0 won its group (advantage +0.5), rollout 1 lost it
-        stats = train.update(policy, optimizer, rollouts, [1.0, 0.0], cfg)
+        stats = train.update(policy, optimizer, rollouts, [0.5, -0.5], cfg)
         logprobs.append(rollout_logprob(policy, rollouts[0]))
     assert stats["train_rows"] == 2 and stats["grad_norm"] > 0
     assert logprobs[-1] > start and logprobs == sorted(logprobs)
@@ -90,9 +92,10 @@ def test_equal_rewards_leave_the_adapter_alone():
     policy = make_tiny_policy(seed=4)
     rollouts = sampled_rollouts(policy)
     before = [p.detach().clone() for p in policy.trainable_parameters()]
-    stats = train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), rollouts, [0.5, 0.5],
+    advantages = train.group_advantages([0.5, 0.5], 2)
+    stats = train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), rollouts, advantages,
                          config())
-    assert stats["zero_spread"] == 1.0 and stats["train_rows"] == 0
+    assert advantages.tolist() == [0.0, 0.0] and stats["train_rows"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
 
 
@@ -103,7 +106,7 @@ def test_the_update_checkpoints_activations_even_before_any_sampling():
     rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
     mlp_calls = []
     policy.model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
-    train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3), rollouts, [1.0, 0.0], config())
+    train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3), rollouts, [0.5, -0.5], config())
     assert len(mlp_calls) == 2  # two short rows, one micro-batch: its forward, and again in backward
 
 
@@ -126,14 +129,18 @@ def test_train_runs_end_to_end(whole_run):
                  "checkpoint/state.pt", "checkpoint/adapter/adapter_model.safetensors"):
         assert os.path.exists(os.path.join(whole_run, name)), name
     metrics = [json.loads(line) for line in open(os.path.join(whole_run, "metrics.jsonl"))]
-    assert [m["step"] for m in metrics] == [1, 2]
+    assert [(m["step"], m["phase"]) for m in metrics] == [(1, "warm"), (2, "warm"), (3, "rl"), (4, "rl")]
+    assert metrics[0]["train_rows"] >= 3 and metrics[0]["nll"] > 0  # three demonstrations, their sub-calls too
     for key in ("reward", "correctness", "cost_penalty", "latency_penalty", "accuracy", "generated_tokens",
                 "llm_query", "rlm_query", "depth", "critical_path", "rollout_seconds", "update_seconds",
-                "grad_norm", "clip_fraction", "kl", "zero_spread", "lr"):
-        assert key in metrics[0], key
+                "grad_norm", "clip_fraction", "kl", "zero_spread", "lr", "max_length"):
+        assert key in metrics[2], key
+    evals = [json.loads(line) for line in open(os.path.join(whole_run, "eval.jsonl"))]
+    assert [(e["step"], e["label"]) for e in evals] == [(0, "before"), (4, "after")]
     adapter = load_file(os.path.join(whole_run, "adapter", "adapter_model.safetensors"))
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
-    assert sorted(os.listdir(whole_run)) == ["adapter", "checkpoint", "eval.jsonl", "metrics.jsonl", "samples.jsonl"]
+    assert sorted(os.listdir(whole_run)) == ["adapter", "checkpoint", "curves.png", "eval.jsonl", "eval_after.html",
+                                             "eval_before.html", "metrics.jsonl", "samples.jsonl"]
 
 
 class Killed(BaseException):
@@ -162,13 +169,16 @@ def write_half(torch_save, obj, path):
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
 
 
-# Each stops the run in step 2 of 2; what the stop leaves must resume to the unstopped run.
+# Each stops the run somewhere in its 2 warm-start and 2 RL steps; what the stop leaves must resume to
+# the unstopped run.
 STOPS = {
+    "ctrl-c in the warm start": dict(target=train, name="update", error=KeyboardInterrupt, n=2),
     "ctrl-c in the rollouts": dict(target=train, name="collect", error=KeyboardInterrupt, n=2),
+    "crash saving the first RL step": dict(target=torch, name="save", error=Killed, n=3, first=write_half),
     "crash while writing state.pt": dict(target=torch, name="save", error=Killed, n=2, first=write_half),
     "crash between the checkpoint's renames": dict(target=os, name="rename", error=Killed, n=2,
                                                    counts=lambda src, dst: dst.endswith("checkpoint")),
-    "ctrl-c in the final evaluation": dict(target=train, name="run_eval", error=KeyboardInterrupt, n=1),
+    "ctrl-c in the final evaluation": dict(target=train, name="run_eval", error=KeyboardInterrupt, n=2),
 }
 
 
@@ -208,6 +218,7 @@ def test_resume_with_no_flags_continues_a_stopped_run_to_the_unstopped_result(st
     (["--cost_weight", "0.2", "--lora_rank", "8"], "--cost_weight: saved 0.1, given 0.2\n  - --lora_rank: saved 16"),
     (["--model", "another-model"], "--model: saved"),
     (["--steps", "1"], "the checkpoint has done 2 steps"),
+    (["--eval_every", "1"], "--eval_every: saved 0, given 1"),  # it drives the curriculum
 ])
 def test_resume_refuses_flags_that_would_make_another_experiment(flags, message, whole_run):
     with pytest.raises(SystemExit) as exit_info:
@@ -218,11 +229,13 @@ def test_resume_refuses_flags_that_would_make_another_experiment(flags, message,
 def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_run, tmp_path):
     out_dir = str(tmp_path / "longer")
     shutil.copytree(whole_run, out_dir)
-    train.main(["--resume", "--out_dir", out_dir, "--steps", "3", "--eval_every", "1", "--group_size", "2"])
-    assert [m["step"] for m in read_lines(os.path.join(out_dir, "metrics.jsonl"))] == [1, 2, 3]
-    assert [e["step"] for e in read_lines(os.path.join(out_dir, "eval.jsonl"))] == [2, 3]
+    train.main(["--resume", "--out_dir", out_dir, "--steps", "3", "--eval_lengths", "3000", "--group_size", "2"])
+    assert [m["step"] for m in read_lines(os.path.join(out_dir, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    evals = read_lines(os.path.join(out_dir, "eval.jsonl"))
+    assert [(e["step"], e["label"]) for e in evals] == [(0, "before"), (4, "after"), (5, "after")]
+    assert {row["length"] for row in evals[-1]["summary"]} == {3000}
     state = torch.load(os.path.join(out_dir, "checkpoint", "state.pt"), weights_only=False)
-    assert state["step"] == 3 and state["config"]["steps"] == 3 and state["config"]["max_new_tokens"] == 16
+    assert state["step"] == 5 and state["config"]["steps"] == 3 and state["config"]["max_new_tokens"] == 160
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,0 +1,318 @@
+"""
+A scripted teacher: hand-written RLM strategies that play the policy's part in the real
+RLM loop, to make token-exact demonstrations for the warm start.
+
+A 135M model does not discover REPL use from reinforcement alone (its first rollouts
+write prose, so every reward is 0), and no larger model is available offline to show it
+how. So the first lesson comes from a program. `TeacherPolicy` has the policy's
+interface (chat_ids, followup_ids, decode, sample); its `sample` reads the conversation
+it is given, exactly as a model would, and writes the next reply. Run through the real
+`rlm.RLM`, with the real model's tokenizer and chat template, every demonstration is a
+trace like any rollout: exact token ids, real REPL observations, real sub-calls, whose
+replies the teacher also writes (it plays every role: root, child RLM, plain sub-call).
+
+What the teacher may know is what a model could know: the system prompt, the query, the
+context's description and the observations. It reads the key from the query at run time
+and lets the REPL find the answer; the task's ground truth never reaches it.
+
+Strategies differ on purpose in cost and latency, so that RL has something to choose:
+
+  niah      regex        one regex over `context`, FINAL in the same turn    (cheapest)
+            look         print the lines with the key; answer in a second turn
+            window       find the key, llm_query a window around it
+            split_async  split in halves, rlm_query both concurrently (asyncio.gather)
+            split_sync   the same halves, one rlm_query after the other     (slowest)
+  multihop  regex        follow the chain with regexes in one turn          (cheapest)
+            look         print the lines about each name, one turn per hop
+            llm_chain    llm_query each hop on the lines about the current name
+            rlm_chain    rlm_query each hop on the whole context             (dearest)
+
+Children of split_* and rlm_chain are RLMs that the teacher answers with `regex`.
+Surface details (variable names, comments, window sizes, FINAL in code or as text) vary
+with the sampling seed, so the student learns the idea rather than one string.
+
+    python teacher.py --family niah --length 8000 --strategy split_async   # one demonstration, printed
+
+    from teacher import make_demonstrations
+    demos = make_demonstrations(policy, ["niah", "multihop"], [2000, 8000], per_strategy=8, seed=0)
+"""
+
+import asyncio
+import random
+import re
+import zlib
+from dataclasses import dataclass
+
+from rlm import RLM, Batcher
+from tasks import make_task, score
+
+STRATEGIES = {"niah": ("regex", "look", "window", "split_async", "split_sync"),
+              "multihop": ("regex", "look", "llm_chain", "rlm_chain")}
+NOT_FOUND = "not found"
+PART_NOTE = " It may not be in this part: then answer 'not found'."  # added to a child's query by split_*
+RLM_SYSTEM_START = "You answer a query about a context"  # how rlm.system_prompt begins
+TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.DOTALL)  # ChatML, as SmolLM2 and Qwen
+
+# What the teacher reads from a query: a niah key, or a multihop chain (agent, relations).
+NIAH_QUERY = re.compile(r"magic number for (\S+) mentioned")
+CHAIN_QUERY = re.compile(r"In which city is the safehouse of (.+?)\? Answer")
+HOP_QUERY = re.compile(r"Who is (.+?)'s (\w+)\?")
+CITY_QUERY = re.compile(r"In which city is (.+?)'s safehouse\?")
+
+
+@dataclass
+class TeacherSample:  # what Policy.sample returns, field for field
+    token_ids: list
+    logprobs: list
+    finish_reason: str
+
+
+class TeacherPolicy:
+    """The policy's interface with scripted replies; tokenizer and template from `policy`."""
+
+    def __init__(self, policy, strategy):
+        self.policy, self.strategy = policy, strategy
+        self.eos_token_ids = policy.eos_token_ids
+        self.chat_ids, self.followup_ids, self.decode = policy.chat_ids, policy.followup_ids, policy.decode
+
+    def sample(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None, seeds=None):
+        samples = []
+        for i, prompt in enumerate(prompts):
+            seed = seeds[i] if seeds and seeds[i] is not None else zlib.crc32(bytes(str(prompt[-64:]), "utf-8"))
+            messages = TURN.findall(self.policy.decode(prompt, skip_special_tokens=False))
+            text = reply(messages, self.strategy, random.Random(seed))
+            ids = (self.policy.encode(text) + [self.eos_token_ids[0]])[:max_new_tokens]
+            finish = "stop" if ids[-1] in self.eos_token_ids else "length"
+            samples.append(TeacherSample(ids, [0.0] * len(ids), finish))  # log-probs are unused in cloning
+        return samples
+
+
+def reply(messages, strategy, rng):
+    """The next reply for a conversation [(role, content), ...] ending with a user turn."""
+    system = next((c for r, c in messages if r == "system"), "")
+    users = [c for r, c in messages if r == "user"]
+    if not system.startswith(RLM_SYSTEM_START):  # a plain llm_query: read the text and answer
+        return read_answer(users[0])
+    query = users[0].split("\n\n", 1)[0].removeprefix("Query: ")
+    observations = users[1:]
+    part = PART_NOTE.strip() in query
+    if part:  # a child searching one part: the cheapest way
+        strategy = "regex"
+    if m := NIAH_QUERY.search(query):
+        return niah_turn(m.group(1), observations, strategy, rng, part)
+    if m := CHAIN_QUERY.search(query):
+        return chain_turn(*parse_chain(m.group(1)), observations, strategy, rng)
+    if m := HOP_QUERY.search(query):  # a child asked for one hop: a regex does it
+        return code(rng, lookup_code(f"{m.group(1)}'s {m.group(2)} is", rng))
+    if m := CITY_QUERY.search(query):
+        return code(rng, lookup_code(f"{m.group(1)}'s safehouse is in", rng))
+    return final_reply(NOT_FOUND, rng)  # a query of a form the teacher has no strategy for
+
+
+def read_answer(prompt):
+    """The plain sub-call: the answer to the question on the prompt's first line, from its text."""
+    question, _, text = prompt.partition("\n")
+    if m := NIAH_QUERY.search(question):
+        found = re.search(re.escape(m.group(1)) + r" is (\d+)", text)
+    elif m := HOP_QUERY.search(question):
+        found = re.search(re.escape(f"{m.group(1)}'s {m.group(2)} is ") + r"([^.\n]+)\.", text)
+    elif m := CITY_QUERY.search(question):
+        found = re.search(re.escape(f"{m.group(1)}'s safehouse is in ") + r"([^.\n]+)\.", text)
+    else:
+        found = None
+    return found.group(1) if found else NOT_FOUND
+
+
+def parse_chain(path):
+    """"the contact of Agent X's handler" -> ("Agent X", ["handler", "contact"])."""
+    outer = []
+    while m := re.match(r"the (\w+) of (.+)", path):
+        outer.append(m.group(1))
+        path = m.group(2)
+    agent, first = re.match(r"(.+)'s (\w+)$", path).groups()
+    return agent, [first] + outer[::-1]
+
+
+# -----------------------------------------------------------------------------
+# Writing replies, with surface that varies by seed
+
+
+def code(rng, body, comment=None):
+    lines = ([f"# {comment}"] if comment and rng.random() < 0.6 else []) + [body]
+    return f"```repl\n{chr(10).join(lines)}\n```"
+
+
+def final_reply(value, rng):
+    if rng.random() < 0.5:
+        return f"FINAL({value})"
+    return code(rng, f"FINAL({value!r})")
+
+
+def lookup_code(prefix, rng, value=r"([^.\n]+)", may_be_absent=True):
+    """One regex for 'prefix <value>' anywhere in the context. Keys and names hold only letters,
+    digits, spaces, hyphens and apostrophes, so they go into the pattern as they are."""
+    if not may_be_absent:
+        return f"FINAL(re.search(r\"{prefix} {value}\", context).group(1))"
+    var = rng.choice(["m", "match", "hit", "found"])
+    return (f"{var} = re.search(r\"{prefix} {value}\", context)\n"
+            f"FINAL({var}.group(1) if {var} else {NOT_FOUND!r})")
+
+
+def print_lines_code(needle, rng):
+    line = rng.choice(["line", "row", "ln"])
+    if rng.random() < 0.5:
+        return f"for {line} in context.splitlines():\n    if {needle!r} in {line}:\n        print({line})"
+    return f"print([{line} for {line} in context.splitlines() if {needle!r} in {line}])"
+
+
+def pick_found(var, rng):
+    """Code that FINALs the first sub-call answer that is not 'not found'."""
+    good = rng.choice(["found", "hits", "good"])
+    return (f"{good} = [a for a in {var} if {NOT_FOUND!r} not in a.lower()]\n"
+            f"FINAL({good}[0] if {good} else {NOT_FOUND!r})")
+
+
+def niah_turn(key, observations, strategy, rng, part=False):
+    if strategy == "regex" or strategy not in STRATEGIES["niah"]:
+        return code(rng, lookup_code(f"for {key} is", rng, r"(\d+)", may_be_absent=part))
+    if strategy == "look":
+        if not observations:
+            return code(rng, print_lines_code(key, rng), "look at the lines that mention the key first")
+        found = re.search(re.escape(key) + r" is (\d+)", observations[-1])
+        return final_reply(found.group(1) if found else NOT_FOUND, rng)
+    if strategy == "window":
+        pos, snip, width = rng.choice(["pos", "i", "at"]), rng.choice(["window", "snippet", "text"]), \
+            rng.choice([200, 300, 400])
+        return code(rng, f"{pos} = context.find({key!r})\n"
+                         f"{snip} = context[max(0, {pos} - {width}):{pos} + {width}]\n"
+                         f"answer = llm_query(query + '\\n' + {snip})\n"
+                         f"FINAL(answer)", "ask a sub-model about the text around the key")
+    parts = rng.choice(["parts", "halves", "pieces"])
+    split = (f"lines = context.splitlines()\nmid = len(lines) // 2\n"
+             f"{parts} = ['\\n'.join(lines[:mid]), '\\n'.join(lines[mid:])]\n")
+    # The children get the query with a note that the answer may be absent: a child can tell
+    # from its query that it searches one part, and search it the cheapest way.
+    split += f"sub = query + {PART_NOTE!r}\n"
+    if strategy == "split_async":
+        ask = f"answers = await asyncio.gather(*[rlm_query_async(sub, p) for p in {parts}])\n"
+        comment = "search both halves at once with child RLMs"
+    else:
+        ask = f"answers = [rlm_query(sub, p) for p in {parts}]\n"
+        comment = "search each half with a child RLM"
+    return code(rng, split + ask + pick_found("answers", rng), comment)
+
+
+def chain_turn(agent, relations, observations, strategy, rng):
+    rels = repr(relations)
+    if strategy == "look":  # one hop per turn, reading each answer from the last observation
+        name, seen = agent, "\n".join(observations)
+        for rel in relations:
+            found = re.search(re.escape(f"{name}'s {rel} is ") + r"([^.\n]+)\.", seen)
+            if not found:
+                return code(rng, print_lines_code(name, rng), f"who is {name}'s {rel}?")
+            name = found.group(1)
+        city = re.search(re.escape(f"{name}'s safehouse is in ") + r"([^.\n]+)\.", seen)
+        if city:
+            return final_reply(city.group(1), rng)
+        return code(rng, print_lines_code(name, rng), f"where is {name}'s safehouse?")
+    name = rng.choice(["name", "person", "who"])
+    if strategy == "llm_chain":
+        about = rng.choice(["about", "lines_about", "mentions"])
+        return code(rng, f"def {about}(n):\n    return '\\n'.join(l for l in context.splitlines() if n in l)\n"
+                         f"{name} = {agent!r}\n"
+                         f"for rel in {rels}:\n"
+                         f"    {name} = llm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\\n\" "
+                         f"+ {about}({name}))\n"
+                         f"city = llm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\\n\" "
+                         f"+ {about}({name}))\nFINAL(city)", "one sub-call per hop, on the lines about each name")
+    if strategy == "rlm_chain":
+        return code(rng, f"{name} = {agent!r}\n"
+                         f"for rel in {rels}:\n"
+                         f"    {name} = rlm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\", context)\n"
+                         f"city = rlm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\", "
+                         f"context)\nFINAL(city)", "a child RLM for each hop")
+    return code(rng, f"{name} = {agent!r}\n"
+                     f"for rel in {rels}:\n"
+                     f"    {name} = re.search({name} + \"'s \" + rel + r\" is ([^.\\n]+)\", context).group(1)\n"
+                     f"FINAL(re.search({name} + r\"'s safehouse is in ([^.\\n]+)\", context).group(1))")
+
+
+# -----------------------------------------------------------------------------
+# Demonstrations through the real RLM loop
+
+
+@dataclass
+class Demonstration:
+    family: str
+    length: int
+    seed: int
+    strategy: str
+    correctness: float
+    rollout: object  # rlm.Rollout
+
+
+async def demonstrate(policy, task, strategy, rlm_settings, seed):
+    """One rollout of `task` with the teacher in the policy's place."""
+    rlm = RLM(Batcher(TeacherPolicy(policy, strategy), gather_window=0.0), **rlm_settings)
+    rollout = await rlm.run(task.query, task.context, seed=seed)
+    return Demonstration(task.family, len(task.context), task.seed, strategy, score(task, rollout.answer), rollout)
+
+
+async def _demonstrate_all(policy, jobs, rlm_settings, max_concurrent):
+    limit = asyncio.Semaphore(max_concurrent)  # each rollout holds REPL processes while it runs
+
+    async def one(task, strategy, seed):
+        async with limit:
+            return await demonstrate(policy, task, strategy, rlm_settings, seed)
+
+    return await asyncio.gather(*[one(*job) for job in jobs])
+
+
+def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8):
+    """per_strategy correct demonstrations of every strategy of every family, each on its own task
+    (seeds from `seed` * 10**5 upward, away from evaluation's 10**6). Balanced: a strategy whose
+    rollout fails on a task is retried on the next task, so each gets the same count."""
+    rlm_settings = rlm_settings or {}
+    demos = []
+    for family in families:
+        for s_index, strategy in enumerate(STRATEGIES[family]):
+            kept, attempt = [], 0
+            while len(kept) < per_strategy and attempt < 3 * per_strategy:
+                need = per_strategy - len(kept)
+                jobs = []
+                for k in range(attempt, attempt + need):
+                    task_seed = seed * 10**5 + s_index * 10**4 + k
+                    length = lengths[k % len(lengths)]
+                    jobs.append((make_task(family, length, seed=task_seed), strategy, task_seed))
+                attempt += need
+                results = asyncio.run(_demonstrate_all(policy, jobs, rlm_settings, max_concurrent))
+                kept += [d for d in results if d.correctness == 1.0]
+            if len(kept) < per_strategy:
+                raise RuntimeError(f"the teacher's {family}/{strategy} strategy solved only {len(kept)} of "
+                                   f"{attempt} tasks; raise the rollout budgets (max_new_tokens, "
+                                   f"max_generated_tokens, max_sub_calls) so the strategy fits")
+            demos += kept
+    return demos
+
+
+def main():
+    import argparse
+
+    from lora import load_policy
+    from rlm import format_rollout
+
+    parser = argparse.ArgumentParser(description="Print one teacher demonstration.")
+    parser.add_argument("--family", default="niah", choices=list(STRATEGIES))
+    parser.add_argument("--strategy", default="regex")
+    parser.add_argument("--length", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    policy = load_policy()  # for its tokenizer and chat template; the model itself is not run
+    demo = asyncio.run(demonstrate(policy, make_task(args.family, args.length, seed=args.seed), args.strategy,
+                                   dict(max_new_tokens=256, max_generated_tokens=2048), args.seed))
+    print(format_rollout(demo.rollout, max_chars=2000))
+    print(f"correctness: {demo.correctness}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""teacher.py: every strategy solves its family through the real REPL, demonstrations are
+token-exact traces, and the teacher never sees the ground truth."""
+
+import asyncio
+
+import pytest
+
+from reward import RewardConfig, compute_reward
+from tasks import make_task
+from teacher import STRATEGIES, TeacherPolicy, demonstrate, make_demonstrations
+
+SETTINGS = dict(max_turns=2, max_new_tokens=160, max_generated_tokens=1024, max_sub_calls=8)
+CASES = [(family, strategy) for family, strategies in STRATEGIES.items() for strategy in strategies]
+
+
+def run(policy, task, strategy, seed=0, settings=SETTINGS):
+    return asyncio.run(demonstrate(policy, task, strategy, settings, seed))
+
+
+@pytest.mark.parametrize("family, strategy", CASES)
+def test_every_strategy_solves_its_family_across_lengths_and_seeds(tiny_policy, family, strategy):
+    for length, seed in [(2000, 11), (30_000, 12), (300_000, 13)]:
+        task = make_task(family, length, seed=seed)
+        demo = run(tiny_policy, task, strategy, seed)
+        assert demo.correctness == 1.0, (family, strategy, length, demo.rollout.answer, task.answer)
+        # The answer came out of the REPL (FINAL in code) or out of an observation, never from the task.
+        root = demo.rollout.calls[0]
+        assert root.turns[0]["code"], "the first reply runs code"
+
+
+def test_multihop_with_more_hops_is_solved_by_code_and_sub_calls(tiny_policy):
+    task = make_task("multihop", 20_000, seed=5, hops=4)
+    for strategy in ("regex", "llm_chain", "rlm_chain"):
+        assert run(tiny_policy, task, strategy).correctness == 1.0, strategy
+
+
+def test_the_truth_appears_in_a_reply_only_after_the_call_has_seen_it(tiny_policy):
+    """What the teacher writes comes from what it was shown: a reply may hold the answer only if
+    that call's prompt so far (its query, context preview, observations) holds it."""
+    for family, strategy in CASES:
+        task = make_task(family, 20_000, seed=21)
+        demo = run(tiny_policy, task, strategy, seed=21)
+        for call in demo.rollout.calls:
+            for k, start in enumerate(call.prompt_lengths):
+                end = call.prompt_lengths[k + 1] if k + 1 < len(call.prompt_lengths) else len(call.token_ids)
+                seen = tiny_policy.decode(call.token_ids[:start])
+                reply = tiny_policy.decode([t for t, m in zip(call.token_ids[start:end], call.sampled_mask[start:end])
+                                            if m])
+                if str(task.answer) in reply:
+                    assert str(task.answer) in seen, (family, strategy, call.kind, reply)
+
+
+def test_the_root_never_writes_the_answer_before_an_observation_shows_it(tiny_policy):
+    task = make_task("niah", 20_000, seed=3)
+    for strategy in STRATEGIES["niah"]:
+        root = run(tiny_policy, task, strategy).rollout.calls[0]
+        assert task.answer not in root.turns[0]["reply"], strategy
+
+
+def test_demonstrations_are_token_exact(tiny_policy):
+    """Each call's ids are the template's rendering of its conversation, built as previous ids +
+    sampled ids + observation ids; the sampled ids are exactly the teacher's reply + end-of-turn."""
+    demo = run(tiny_policy, make_task("multihop", 8000, seed=2), "look")
+    root = demo.rollout.calls[0]
+    assert len(root.prompt_lengths) == 3  # three turns: two looks, then FINAL
+    eos = tiny_policy.eos_token_ids[0]
+    for k, start in enumerate(root.prompt_lengths):
+        end = root.prompt_lengths[k + 1] if k + 1 < len(root.prompt_lengths) else len(root.token_ids)
+        sampled = [t for t, m in zip(root.token_ids[start:end], root.sampled_mask[start:end]) if m]
+        reply = root.turns[k]["reply"]
+        assert sampled == tiny_policy.encode(reply) + [eos]
+        assert all(root.sampled_mask[start:start + len(sampled)])
+        assert not any(root.sampled_mask[start + len(sampled):end])  # the observation is not sampled
+        if k + 1 < len(root.prompt_lengths):
+            follow = tiny_policy.followup_ids(root.turns[k]["observation"], ended_with_eos=True)
+            assert root.token_ids[start + len(sampled):end] == follow
+    # The whole conversation re-rendered by the chat template gives the same ids.
+    text = tiny_policy.decode(root.token_ids, skip_special_tokens=False)
+    system = text.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
+    user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
+    conversation = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    for turn in root.turns:
+        conversation.append({"role": "assistant", "content": turn["reply"]})
+        if turn["observation"] is not None:
+            conversation.append({"role": "user", "content": turn["observation"]})
+    rendered = tiny_policy.tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert tiny_policy.encode(rendered.rstrip("\n")) == root.token_ids
+
+
+def test_children_search_their_part_the_cheapest_way(tiny_policy):
+    demo = run(tiny_policy, make_task("niah", 8000, seed=4), "split_async")
+    children = [c for c in demo.rollout.calls if c.kind == "rlm_query"]
+    assert len(children) == 2 and sorted(c.answer == "not found" for c in children) == [False, True]
+    assert all(len(c.turns) == 1 and "re.search" in c.turns[0]["reply"] for c in children)
+    # The two halves ran concurrently: their intervals on the logical clock overlap.
+    (a, b) = demo.rollout.calls[0].turns[0]["sub_calls"]
+    assert a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def test_the_cheaper_correct_strategy_is_rewarded_more(tiny_policy):
+    """Under the default reward, correct strategies are ordered by what they cost."""
+    task = make_task("niah", 8000, seed=9)
+    rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
+               for s in STRATEGIES["niah"]}
+    assert rewards["regex"] == max(rewards.values())
+    assert rewards["split_async"] > rewards["split_sync"]  # same tokens, shorter critical path
+    task = make_task("multihop", 8000, seed=9)
+    rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
+               for s in STRATEGIES["multihop"]}
+    assert rewards["regex"] == max(rewards.values()) and rewards["rlm_chain"] == min(rewards.values())
+
+
+def test_make_demonstrations_is_balanced_and_only_keeps_correct_ones(tiny_policy):
+    demos = make_demonstrations(tiny_policy, ["niah", "multihop"], [2000, 8000], per_strategy=2, seed=1,
+                                rlm_settings=SETTINGS)
+    counts = {}
+    for d in demos:
+        counts[(d.family, d.strategy)] = counts.get((d.family, d.strategy), 0) + 1
+    assert counts == {case: 2 for case in CASES}
+    assert all(d.correctness == 1.0 for d in demos)
+
+
+def test_a_budget_too_small_for_a_strategy_is_reported(tiny_policy):
+    with pytest.raises(RuntimeError, match="raise the rollout budgets"):
+        make_demonstrations(tiny_policy, ["niah"], [2000], per_strategy=1,
+                            rlm_settings=dict(max_new_tokens=8, max_generated_tokens=64))
+
+
+def test_teacher_policy_respects_max_new_tokens(tiny_policy):
+    teacher = TeacherPolicy(tiny_policy, "regex")
+    task = make_task("niah", 2000, seed=0)
+    prompt = tiny_policy.chat_ids([{"role": "system", "content": "You answer a query about a context."},
+                                   {"role": "user", "content": f"Query: {task.query}\n\nThe context is ..."}])
+    [full] = teacher.sample([prompt], max_new_tokens=500)
+    [cut] = teacher.sample([prompt], max_new_tokens=5)
+    assert full.finish_reason == "stop" and cut.finish_reason == "length"
+    assert cut.token_ids == full.token_ids[:5]
