@@ -556,16 +556,15 @@ def bench_train(policy, train_argv):
     params = policy.trainable_parameters()
     saved = [p.detach().clone() for p in params]  # the step changes the adapter; put it back afterwards
     torch.manual_seed(cfg["seed"] * 100_003)
-    step_tasks = train.step_tasks(cfg, 0)
-    rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **{k: cfg[k] for k in (
-        "max_depth", "max_turns", "max_new_tokens", "max_sub_calls", "max_generated_tokens")})
+    step_tasks = train.step_tasks(cfg, 0, train.ints(cfg["lengths"])[:1])  # the curriculum's first stage
+    rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **train.rlm_settings(cfg))
     t0 = time.perf_counter()
     rollouts = asyncio.run(train.collect(rlm, step_tasks, seed=cfg["seed"] * 100_003))
     t1 = time.perf_counter()
     reward_config = RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
     rewards = [reward_for(task, r, reward_config)["reward"] for task, r in zip(step_tasks, rollouts)]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    metrics = train.update(policy, optimizer, rollouts, rewards, cfg)
+    metrics = train.update(policy, optimizer, rollouts, train.group_advantages(rewards, cfg["group_size"]), cfg)
     t2 = time.perf_counter()
     with torch.no_grad():
         for p, s in zip(params, saved):

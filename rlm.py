@@ -185,34 +185,25 @@ class Batcher:
 
 
 def system_prompt(can_recurse, allow_async):
+    # Short on purpose: it is prefilled on every turn of every call, and trained on (as context) in
+    # every row, so each token here costs compute many times over.
     lines = [
-        "You answer a query about a context that is too long to read at once. The context is the "
-        "variable `context` in a Python REPL. Write Python code in ```repl blocks; it runs in the REPL "
-        "and you see what it prints. Variables persist between blocks.",
-        "",
-        "Available in the REPL:",
-        "- `context`: the input. `query`: the query, a str. The modules asyncio, json, math and re are imported.",
-        "- `llm_query(prompt)` -> str: ask a language model about a short text, e.g. one chunk of the context.",
+        "You answer a query about a long context. It is the variable `context` in a Python REPL: write "
+        "Python in ```repl blocks and see what they print; variables persist.",
+        "In the REPL (asyncio, json, math and re are imported):",
+        "- `context`, and `query`: the query, a str.",
+        "- `llm_query(prompt)` -> str: a language model answers about a short text.",
     ]
     if can_recurse:
-        lines.append("- `rlm_query(query, context)` -> str: solve a sub-problem on a piece of the context "
-                     "with a new REPL of its own.")
+        lines.append("- `rlm_query(query, context)` -> str: a new RLM with its own REPL solves a sub-problem "
+                     "on a piece of the context.")
     if allow_async:
-        lines.append("- `llm_query_batched(prompts)` -> list of str: many llm_query calls at once.")
-        lines.append("- `await llm_query_async(prompt)`" + (", `await rlm_query_async(query, context)`"
-                     if can_recurse else "") + ": the same, to run many at once with `await asyncio.gather(...)`.")
+        lines.append("- `llm_query_batched(prompts)` -> list of str; `await llm_query_async(prompt)`"
+                     + (", `await rlm_query_async(query, context)`" if can_recurse else "")
+                     + ": run many at once, e.g. with `await asyncio.gather(...)`.")
     lines += [
-        "- `FINAL(answer)`: call it with the answer when you know it. The first FINAL ends your work: "
-        "nothing after it runs.",
-        "",
-        "Look at the context with code (len, slicing, re, splitting into chunks), ask sub-questions on "
-        "chunks, combine the results, then call FINAL. Example:",
-        "```repl",
-        "chunks = [context[i:i + 4000] for i in range(0, len(context), 4000)]",
-        ("answers = llm_query_batched([f'Find the answer to: {query}\\n\\n{c}' for c in chunks])"
-         if allow_async else "answers = [llm_query(f'Find the answer to: {query}\\n\\n{c}') for c in chunks]"),
-        "print(answers)",
-        "```",
+        "- `FINAL(answer)`: give the answer. The first FINAL ends your work: nothing after it runs.",
+        "Inspect the context with code (slicing, re, chunks), ask sub-calls about pieces, combine, then FINAL.",
     ]
     return "\n".join(lines)
 
@@ -623,7 +614,7 @@ def main():
     # Budgets of one run: on CPU sized so that a first run on a long file ends in about two minutes
     # on 2 cores; a GPU gets the larger ones, as in train.py. Flags you give win over both.
     # max_call_tokens bounds a sub-call's prompt too: prefilling 8k tokens takes tens of seconds on CPU.
-    cpu_budgets = dict(max_turns=2, max_new_tokens=128, max_sub_calls=4, max_generated_tokens=512, max_call_tokens=4096)
+    cpu_budgets = dict(max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=512, max_call_tokens=4096)
     gpu_budgets = dict(max_turns=6, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=4096, max_call_tokens=8192)
     parser = argparse.ArgumentParser(description="Run one RLM on a text file and print its call tree.")
     parser.add_argument("--query", required=True)

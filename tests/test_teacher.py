@@ -7,6 +7,7 @@ import pytest
 
 from reward import RewardConfig, compute_reward
 from tasks import make_task
+from rlm import system_prompt
 from teacher import STRATEGIES, TeacherPolicy, demonstrate, make_demonstrations
 
 SETTINGS = dict(max_turns=2, max_new_tokens=160, max_generated_tokens=1024, max_sub_calls=8)
@@ -129,7 +130,7 @@ def test_a_budget_too_small_for_a_strategy_is_reported(tiny_policy):
 def test_teacher_policy_respects_max_new_tokens(tiny_policy):
     teacher = TeacherPolicy(tiny_policy, "regex")
     task = make_task("niah", 2000, seed=0)
-    prompt = tiny_policy.chat_ids([{"role": "system", "content": "You answer a query about a context."},
+    prompt = tiny_policy.chat_ids([{"role": "system", "content": system_prompt(True, True)},
                                    {"role": "user", "content": f"Query: {task.query}\n\nThe context is ..."}])
     [full] = teacher.sample([prompt], max_new_tokens=500)
     [cut] = teacher.sample([prompt], max_new_tokens=5)
