@@ -28,8 +28,10 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
             rlm_chain    rlm_query each hop on the whole context             (dearest)
 
 Children of split_* and rlm_chain are RLMs that the teacher answers with `regex`.
-Surface details (variable names, comments, window sizes, FINAL in code or as text) vary
-with the sampling seed, so the student learns the idea rather than one string.
+A first reply opens with a one-line plan (`# plan: ...`, two wordings per strategy), so
+the strategy is chosen in its first tokens. Other surface details (variable names, window
+sizes, print style, FINAL in code or as text) vary with the sampling seed, so the student
+learns the idea rather than one string.
 
     python teacher.py --family niah --length 8000 --strategy split_async   # one demonstration, printed
 
@@ -137,8 +139,28 @@ def parse_chain(path):
 # Writing replies, with surface that varies by seed
 
 
-def code(rng, body, comment=None):
-    lines = ([f"# {comment}"] if comment and rng.random() < 0.6 else []) + [body]
+# A first reply opens with its plan, in one of two wordings: the strategy is chosen at the
+# first few tokens and the rest of the reply follows from it, which makes the strategies
+# easy to clone apart (no reply that starts as one and ends as another) and gives RL one
+# clear decision to reinforce.
+PLANS = {
+    ("niah", "regex"): ("one regex over the whole context", "a single regex search finds the needle"),
+    ("niah", "look"): ("print the lines with the key, then answer", "look at the matching lines first"),
+    ("niah", "window"): ("ask a sub-model about the text around the key", "llm_query on a window around the key"),
+    ("niah", "split_async"): ("split in halves, child RLMs search both at once",
+                              "two child RLMs in parallel, one per half"),
+    ("niah", "split_sync"): ("split in halves, child RLMs search one after the other",
+                             "two child RLMs in turn, one per half"),
+    ("multihop", "regex"): ("follow the chain with regexes", "a regex for each hop, all in one go"),
+    ("multihop", "look"): ("print the lines about each name, hop by hop", "look at the lines of each hop first"),
+    ("multihop", "llm_chain"): ("one llm_query per hop, on the lines about the name",
+                                "a sub-model answers each hop from its lines"),
+    ("multihop", "rlm_chain"): ("one child RLM per hop", "a child RLM answers each hop"),
+}
+
+
+def code(rng, body, plan=None):
+    lines = ([f"# plan: {rng.choice(PLANS[plan])}"] if plan else []) + [body]
     return f"```repl\n{chr(10).join(lines)}\n```"
 
 
@@ -174,10 +196,10 @@ def pick_found(var, rng):
 
 def niah_turn(key, observations, strategy, rng, part=False):
     if strategy == "regex" or strategy not in STRATEGIES["niah"]:
-        return code(rng, lookup_code(f"for {key} is", rng, r"(\d+)", may_be_absent=part))
+        return code(rng, lookup_code(f"for {key} is", rng, r"(\d+)", may_be_absent=part), ("niah", "regex"))
     if strategy == "look":
         if not observations:
-            return code(rng, print_lines_code(key, rng), "look at the lines that mention the key first")
+            return code(rng, print_lines_code(key, rng), ("niah", "look"))
         found = re.search(re.escape(key) + r" is (\d+)", observations[-1])
         return final_reply(found.group(1) if found else NOT_FOUND, rng)
     if strategy == "window":
@@ -186,7 +208,7 @@ def niah_turn(key, observations, strategy, rng, part=False):
         return code(rng, f"{pos} = context.find({key!r})\n"
                          f"{snip} = context[max(0, {pos} - {width}):{pos} + {width}]\n"
                          f"answer = llm_query(query + '\\n' + {snip})\n"
-                         f"FINAL(answer)", "ask a sub-model about the text around the key")
+                         f"FINAL(answer)", ("niah", "window"))
     parts = rng.choice(["parts", "halves", "pieces"])
     split = (f"lines = context.splitlines()\nmid = len(lines) // 2\n"
              f"{parts} = ['\\n'.join(lines[:mid]), '\\n'.join(lines[mid:])]\n")
@@ -195,11 +217,11 @@ def niah_turn(key, observations, strategy, rng, part=False):
     split += f"sub = query + {PART_NOTE!r}\n"
     if strategy == "split_async":
         ask = f"answers = await asyncio.gather(*[rlm_query_async(sub, p) for p in {parts}])\n"
-        comment = "search both halves at once with child RLMs"
+        plan = ("niah", "split_async")
     else:
         ask = f"answers = [rlm_query(sub, p) for p in {parts}]\n"
-        comment = "search each half with a child RLM"
-    return code(rng, split + ask + pick_found("answers", rng), comment)
+        plan = ("niah", "split_sync")
+    return code(rng, split + ask + pick_found("answers", rng), plan)
 
 
 def chain_turn(agent, relations, observations, strategy, rng):
@@ -209,12 +231,12 @@ def chain_turn(agent, relations, observations, strategy, rng):
         for rel in relations:
             found = re.search(re.escape(f"{name}'s {rel} is ") + r"([^.\n]+)\.", seen)
             if not found:
-                return code(rng, print_lines_code(name, rng), f"who is {name}'s {rel}?")
+                return code(rng, print_lines_code(name, rng), None if observations else ("multihop", "look"))
             name = found.group(1)
         city = re.search(re.escape(f"{name}'s safehouse is in ") + r"([^.\n]+)\.", seen)
         if city:
             return final_reply(city.group(1), rng)
-        return code(rng, print_lines_code(name, rng), f"where is {name}'s safehouse?")
+        return code(rng, print_lines_code(name, rng))
     name = rng.choice(["name", "person", "who"])
     if strategy == "llm_chain":
         about = rng.choice(["about", "lines_about", "mentions"])
@@ -224,17 +246,18 @@ def chain_turn(agent, relations, observations, strategy, rng):
                          f"    {name} = llm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\\n\" "
                          f"+ {about}({name}))\n"
                          f"city = llm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\\n\" "
-                         f"+ {about}({name}))\nFINAL(city)", "one sub-call per hop, on the lines about each name")
+                         f"+ {about}({name}))\nFINAL(city)", ("multihop", "llm_chain"))
     if strategy == "rlm_chain":
         return code(rng, f"{name} = {agent!r}\n"
                          f"for rel in {rels}:\n"
                          f"    {name} = rlm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\", context)\n"
                          f"city = rlm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\", "
-                         f"context)\nFINAL(city)", "a child RLM for each hop")
+                         f"context)\nFINAL(city)", ("multihop", "rlm_chain"))
     return code(rng, f"{name} = {agent!r}\n"
                      f"for rel in {rels}:\n"
                      f"    {name} = re.search({name} + \"'s \" + rel + r\" is ([^.\\n]+)\", context).group(1)\n"
-                     f"FINAL(re.search({name} + r\"'s safehouse is in ([^.\\n]+)\", context).group(1))")
+                     f"FINAL(re.search({name} + r\"'s safehouse is in ([^.\\n]+)\", context).group(1))",
+                ("multihop", "regex"))
 
 
 # -----------------------------------------------------------------------------
