@@ -2,7 +2,7 @@
 Train a Recursive Language Model: a warm start that clones a scripted teacher, then
 Dr. GRPO with a cost-aware reward, on a LoRA adapter.
 
-    python train.py                                   # CPU-sized run: about 15 minutes on 2 cores
+    python train.py                                   # CPU-sized run: about 15 minutes on 2 idle cores (README)
     python train.py --steps 30 --families niah,multihop --lengths 2000,8000,32000
     python train.py --warm_demos 0                    # RL straight from the instruction-tuned model
     python train.py --steps 0 --out_dir out/warm      # the warm start alone; then RL from it, twice:
@@ -72,7 +72,7 @@ warm_epochs = 2  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
 warm_lr = 1e-3  # AdamW learning rate of the warm start
 # RL
-steps = 4  # RL optimizer steps, after the warm start (0 = warm start only)
+steps = 2  # RL optimizer steps, after the warm start (0 = warm start only)
 tasks_per_step = 2  # distinct tasks per step
 group_size = 4  # rollouts per task; advantages are relative within the group
 lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
