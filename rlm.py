@@ -546,17 +546,29 @@ def dependencies(sub_calls):
     return records, [[j for j, t in enumerate(records) if t["end"] < s["start"]] for s in records]
 
 
-def longest_chain(weights, after):
-    """The heaviest chain of calls, each waiting for the one before: the latency they add.
+def heaviest_chain(weights, after):
+    """Positions of one heaviest chain of calls, each waiting for the one before.
 
     weights[i]: call i's own latency; after[i]: the positions of the calls that call i waited
     for, all before i. Calls that did not wait for each other ran concurrently, so only the
     heaviest chain counts: a loop of sequential calls adds up, a gather takes the maximum.
     """
-    best = []  # best[i]: the heaviest chain that ends with call i
+    best, back = [], []  # best[i]: the heaviest chain that ends with call i; back[i]: the call before it
     for weight, before in zip(weights, after):
-        best.append(weight + max((best[j] for j in before), default=0))
-    return max(best, default=0)
+        j = max(before, key=lambda j: best[j], default=None)
+        best.append(weight + (best[j] if j is not None else 0))
+        back.append(j)
+    i = max(range(len(best)), key=lambda i: best[i], default=None)
+    chain = []
+    while i is not None:
+        chain.append(i)
+        i = back[i]
+    return chain[::-1]
+
+
+def longest_chain(weights, after):
+    """The latency a turn's sub-calls add: the weight of heaviest_chain."""
+    return sum(weights[i] for i in heaviest_chain(weights, after))
 
 
 def _finish_cost(call, calls):

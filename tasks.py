@@ -573,11 +573,12 @@ def _kind(task):
 
     if task.scoring == "number" or _NUMBER.fullmatch(gold):
         query_numbers = set(_numbers(query, loose=True))
-        find = _numbers
         if task.family == "niah" and re.fullmatch(r"\d{7}", gold):
             # A niah answer is a 7-digit number, so a line number beside it is no rival.
             def find(text):
                 return [x for x in _numbers(text) if 10**6 <= x < 10**7 and x == int(x)]
+        else:
+            find = _numbers
         return find, query_numbers.__contains__, _value(gold)
     if task.family == "multihop" and gold in _CITIES:
         return (lambda text: [c.lower() for c in _CITY_WORDS.findall(text)]), named, gold.lower()

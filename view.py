@@ -36,7 +36,7 @@ import keyword
 import os
 import re
 
-from rlm import Call, Cost, Rollout, dependencies
+from rlm import Call, Cost, Rollout, dependencies, heaviest_chain
 
 FOLD_CHARS, FOLD_LINES = 1500, 30  # longer text starts folded, whole, behind a one-line preview
 FENCE = re.compile(r"```([A-Za-z]*)[ \t]*\n(.*?)```", re.DOTALL)  # the fences rlm.py runs, and any other
@@ -134,19 +134,7 @@ def render_reply(reply):
 # Timing: where each call sits on the clocks, and which calls make the critical path
 
 
-def critical_chain(weights, after):
-    """Positions of one heaviest chain, each waiting for the one before: rlm.longest_chain's argmax."""
-    best, back = [], []
-    for weight, before in zip(weights, after):
-        j = max(before, key=lambda j: best[j], default=None)
-        best.append(weight + (best[j] if j is not None else 0))
-        back.append(j)
-    i = max(range(len(best)), key=lambda i: best[i], default=None)
-    chain = []
-    while i is not None:
-        chain.append(i)
-        i = back[i]
-    return chain[::-1]
+critical_chain = heaviest_chain  # the chain whose weights make rlm's longest_chain
 
 
 def critical_calls(rollout):
