@@ -48,14 +48,21 @@ def _groups(rewards_N, group_size):
     return rewards_N.view(-1, int(group_size))
 
 
-def group_advantages(rewards_N, group_size):
-    """A = r - mean(r over its group); groups are consecutive runs of group_size rollouts."""
+def group_advantages(rewards_N, group_size, correctness_N=None):
+    """A = r - mean(r over its group); groups are consecutive runs of group_size rollouts.
+
+    With correctness_N, a group in which no rollout scored above 0 gets advantage 0 too. Among
+    wrong answers only the cost terms spread the rewards, so such a group would teach broken code
+    to be shorter, and Adam's normalisation turns even that tiny spread into a full-sized step.
+    Cost is meant to choose between answers that are right."""
     rewards_GS = _groups(rewards_N, group_size)
     advantages_GS = rewards_GS - rewards_GS.mean(dim=1, keepdim=True)
     # Float rounding of the mean can leave ~1e-8 on a group of equal rewards; make it exactly 0
     # so such a group has exactly zero gradient and skip_zero_advantage can drop it.
-    no_spread_G = rewards_GS.amax(dim=1) == rewards_GS.amin(dim=1)
-    advantages_GS[no_spread_G] = 0.0
+    silent_G = rewards_GS.amax(dim=1) == rewards_GS.amin(dim=1)
+    if correctness_N is not None:
+        silent_G |= _groups(correctness_N, group_size).amax(dim=1) <= 0
+    advantages_GS[silent_G] = 0.0
     return advantages_GS.flatten().to(torch.float32)
 
 

@@ -77,6 +77,7 @@ tasks_per_step = 2  # distinct tasks per step
 group_size = 4  # rollouts per task; advantages are relative within the group
 lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
 promote_at = 0.75  # held-out accuracy at the longest unlocked length that unlocks the next one
+skip_unsolved = True  # a group with no correct rollout teaches nothing (cost picks among right answers)
 # rollouts
 max_depth = 2  # deepest recursion (root = 0)
 max_turns = 2  # turns per RLM call before the final "answer now" turn
@@ -372,10 +373,14 @@ def main(argv=None):
                 rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
                 rewards_N = [r["reward"] for r in rewards]
                 with DeferInterrupt():  # the update and its log lines land together or not at all
-                    stats = update(policy, optimizer, rollouts, group_advantages(rewards_N, cfg["group_size"]), cfg)
+                    correct_N = [r["correctness"] for r in rewards] if cfg["skip_unsolved"] else None
+                    advantages_N = group_advantages(rewards_N, cfg["group_size"], correctness_N=correct_N)
+                    stats = update(policy, optimizer, rollouts, advantages_N, cfg)
                     metrics = {"step": step + 1, "phase": "rl", "max_length": stages[stage],
                                **summarize_rollouts(rollouts, rewards), **stats,
                                "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
+                               "unsolved": mean([max(r["correctness"] for r in rewards[g:g + cfg["group_size"]]) == 0
+                                                 for g in range(0, len(rewards), cfg["group_size"])]),
                                "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()

@@ -26,6 +26,18 @@ def test_group_advantages_equal_rewards_are_exactly_zero():
     assert group_advantages([0.1] * 3, group_size=3).tolist() == [0.0] * 3
 
 
+def test_group_advantages_silence_groups_with_no_correct_rollout():
+    # Two groups of wrong answers that differ only in cost, and one group with a right answer.
+    rewards = [-0.01, -0.02, -0.03, -0.04, 0.99, -0.02, -0.03, -0.04]
+    correctness = [0, 0, 0, 0, 1, 0, 0, 0]
+    plain = group_advantages(rewards, group_size=4)
+    assert plain[:4].abs().sum() > 0  # the cost terms alone spread the wrong group
+    gated = group_advantages(rewards, group_size=4, correctness_N=correctness)
+    assert gated[:4].tolist() == [0.0] * 4
+    assert torch.equal(gated[4:], plain[4:])  # a solved group keeps every advantage, cost included
+    assert gated[4] > 0 and (gated[5:] < 0).all()
+
+
 def test_group_advantages_errors():
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages([1.0, 0.0, 1.0], group_size=2)
