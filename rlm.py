@@ -135,9 +135,14 @@ class _Request:
 class Batcher:
     """Turns concurrent `await batcher.sample(ids, n)` requests into batched policy.sample calls."""
 
-    def __init__(self, policy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01):
+    def __init__(self, policy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01,
+                 max_batch_tokens=16384):
         self.policy = policy
         self.max_batch_size = max_batch_size
+        # Padded tokens (longest prompt + new tokens, times rows) per sampling call. On CPU, attention
+        # over a padded batch materialises rows x heads x T x T scores: twenty 8k-token prompts at once
+        # would need ~50 GB. A request longer than this still runs, alone.
+        self.max_batch_tokens = max_batch_tokens
         self.temperature, self.top_p = temperature, top_p
         self.gather_window = gather_window  # seconds to wait so concurrent requests join one batch
         self.n_requests = 0
@@ -153,11 +158,21 @@ class Batcher:
             self._worker = asyncio.create_task(self._drain())
         return await future
 
+    def _next_batch(self):
+        """Requests in arrival order, as many as fit max_batch_size and max_batch_tokens (at least one)."""
+        batch, longest, new = [], 0, 0
+        for r in self._queue[: self.max_batch_size]:
+            longest, new = max(longest, len(r.prompt_ids)), max(new, r.max_new_tokens)
+            if batch and (len(batch) + 1) * (longest + new) > self.max_batch_tokens:
+                break
+            batch.append(r)
+        self._queue = self._queue[len(batch):]
+        return batch
+
     async def _drain(self):
         while self._queue:
             await asyncio.sleep(self.gather_window)
-            batch = self._queue[: self.max_batch_size]
-            self._queue = self._queue[self.max_batch_size :]
+            batch = self._next_batch()
             max_new_tokens = max(r.max_new_tokens for r in batch)
             seeds = [r.seed for r in batch]
             extra = {"seeds": seeds} if any(s is not None for s in seeds) else {}

@@ -79,6 +79,32 @@ def test_parallel_sub_calls_are_batched_into_fewer_sampling_calls():
     assert rlm.batcher.n_requests == n + 1 and rlm.batcher.n_sampling_calls == len(policy.batch_sizes)
 
 
+def test_batches_stay_within_the_padded_token_budget_and_every_request_is_answered():
+    # Long prompts at once (the `direct` baseline at 512k characters) must not become one huge padded
+    # batch; a request longer than the budget still runs, alone.
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def sample(self, prompts, max_new_tokens, **kw):
+            self.calls.append([len(p) for p in prompts])
+            return [type("S", (), {"token_ids": [len(p)], "logprobs": [0.0]})() for p in prompts]
+
+    policy = Recording()
+    batcher = Batcher(policy, max_batch_tokens=1000)
+    lengths = [100, 300, 2000, 50, 400, 400, 10, 990]
+
+    async def main():
+        return await asyncio.gather(*[batcher.sample([1] * n, max_new_tokens=10) for n in lengths])
+
+    replies = asyncio.run(main())
+    assert [r.token_ids for r in replies] == [[n] for n in lengths]  # each reply went to its own request
+    assert sorted(n for call in policy.calls for n in call) == sorted(lengths)
+    for call in policy.calls:
+        assert len(call) == 1 or len(call) * (max(call) + 10) <= 1000
+    assert [2000] in policy.calls and [990] in policy.calls
+
+
 def test_hundreds_of_sub_calls_in_flight_do_not_deadlock():
     def script(text):
         p = parse(text)
