@@ -26,8 +26,21 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
             look         print the lines about each name, one turn per hop
             llm_chain    llm_query each hop on the lines about the current name
             rlm_chain    rlm_query each hop on the whole context             (dearest)
+  aggregate halves       two halves of the records, llm_query both at once  (fewest calls)
+  and pairs chunks_async four chunks of records, llm_query all four at once
+            chunks_sync  the same four chunks, one llm_query after the other
+            rlm_halves   two halves, a child RLM on each, both at once       (dearest)
 
-Children of split_* and rlm_chain are RLMs that the teacher answers with `regex`.
+Children of split_* and rlm_chain are RLMs that the teacher answers with `regex`; children
+of rlm_halves pass their half to one llm_query. The records strategies read the question
+from the query: a chunk is asked how many records are about the topic (aggregate count),
+their count per topic as JSON (most_common), or who wrote about the topic, and when
+(pairs); code adds the counts up or makes the pairs, and FINALs the result. A chunk is
+every n-th record (`lines[i::n]`): the same size each, and where a record sits does not
+matter to these questions. The teacher also answers those llm_query calls: it reads each
+record from the prompt and judges its topic as a sub-model would, by its meaning (here
+with the text pools tasks.py draws records from).
+
 A first reply opens with a one-line plan (`# plan: ...`, two wordings per strategy), so
 the strategy is chosen in its first tokens. Other surface details (variable names, window
 sizes, print style, FINAL in code or as text) vary with the sampling seed, so the student
@@ -36,20 +49,25 @@ learns the idea rather than one string.
     python teacher.py --family niah --length 8000 --strategy split_async   # one demonstration, printed
 
     from teacher import make_demonstrations
-    demos = make_demonstrations(policy, ["niah", "multihop"], [2000, 8000], per_strategy=8, seed=0)
+    demos = make_demonstrations(policy, ["niah", "multihop", "aggregate", "pairs"], [2000, 8000],
+                                per_strategy=8, seed=0)
 """
 
 import asyncio
+import json
 import random
 import re
 import zlib
 from dataclasses import dataclass
 
 from rlm import RLM, Batcher, system_prompt
-from tasks import make_task, score
+from tasks import AGGREGATE_TEXTS, make_task, score
 
+RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
 STRATEGIES = {"niah": ("regex", "look", "window", "split_async", "split_sync"),
-              "multihop": ("regex", "look", "llm_chain", "rlm_chain")}
+              "multihop": ("regex", "look", "llm_chain", "rlm_chain"),
+              "aggregate": RECORD_STRATEGIES,
+              "pairs": RECORD_STRATEGIES}
 NOT_FOUND = "not found"
 PART_NOTE = " It may not be in this part: then answer 'not found'."  # added to a child's query by split_*
 RLM_SYSTEM_START = system_prompt(False, False).split(".")[0]  # how every RLM call's system prompt begins
@@ -60,6 +78,28 @@ NIAH_QUERY = re.compile(r"magic number for (\S+) mentioned")
 CHAIN_QUERY = re.compile(r"In which city is the safehouse of (.+?)\? Answer")
 HOP_QUERY = re.compile(r"Who is (.+?)'s (\w+)\?")
 CITY_QUERY = re.compile(r"In which city is (.+?)'s safehouse\?")
+# Records (aggregate, pairs): what the query asks, and the topics it lists.
+COUNT_QUERY = re.compile(r"How many records are about (\w+)\?")
+MOST_QUERY = re.compile(r"Which topic do the most records have\?")
+PAIRS_QUERY = re.compile(r"List every pair of user ids such that both users have (?:at least one record|a record) "
+                         r"about (\w+)( in the same month)?")
+TOPICS_QUERY = re.compile(r"one of these topics: ([\w, ]+)\.")
+
+# The question the records strategies ask about one piece of the records (an llm_query on a
+# chunk, or a child RLM on a half), by what the root combines: its first line, before the records.
+PIECE_ASKS = {
+    "count": "How many of these records are about {}? Answer with a number.",
+    "tally": "Count these records by topic ({}), as JSON.",
+    "users": "Who wrote these records about {}? Answer with the user ids, or none.",
+    "months": "Who wrote these records about {}, and when? Answer with lines 'user YYYY-MM', or none.",
+}
+PIECE_QUERIES = {kind: re.compile(re.escape(ask).replace(re.escape("{}"), r"([\w, ]+)"))
+                 for kind, ask in PIECE_ASKS.items()}
+RECORD = re.compile(r"Date: (\d{4}-\d\d)-\d\d \|\| User: (\d+) \|\| Text: (.+)")
+# Judging a record's topic from its meaning is what a sub-model does; the teacher does it with
+# the pools tasks.py draws the texts from (disjoint, so a text has one topic), as a language
+# model knows that "the tacos from the truck" are food. It reads the text from the prompt.
+TOPIC_OF = {text: label for label, texts in AGGREGATE_TEXTS.items() for text in texts}
 
 
 @dataclass
@@ -108,12 +148,20 @@ def reply(messages, strategy, rng):
         return code(rng, lookup_code(f"{m.group(1)}'s {m.group(2)} is", rng))
     if m := CITY_QUERY.search(query):
         return code(rng, lookup_code(f"{m.group(1)}'s safehouse is in", rng))
+    if any(p.search(query) for p in PIECE_QUERIES.values()):  # a child asked about one piece of records
+        return code(rng, rng.choice(["FINAL(llm_query(query + '\\n' + context))",
+                                     "answer = llm_query(query + '\\n' + context)\nFINAL(answer)"]))
+    if job := records_job(query):
+        return records_turn(*job, observations, strategy, rng)
     return final_reply(NOT_FOUND, rng)  # a query of a form the teacher has no strategy for
 
 
 def read_answer(prompt):
     """The plain sub-call: the answer to the question on the prompt's first line, from its text."""
     question, _, text = prompt.partition("\n")
+    for kind, pattern in PIECE_QUERIES.items():
+        if m := pattern.search(question):
+            return read_records(kind, m.group(1), text)
     if m := NIAH_QUERY.search(question):
         found = re.search(re.escape(m.group(1)) + r" is (\d+)", text)
     elif m := HOP_QUERY.search(question):
@@ -123,6 +171,21 @@ def read_answer(prompt):
     else:
         found = None
     return found.group(1) if found else NOT_FOUND
+
+
+def read_records(kind, topic, text):
+    """A sub-model's answer about the records in `text` (one per line): it judges each one's topic."""
+    records = [(m.group(1), m.group(2), TOPIC_OF.get(m.group(3).strip())) for m in RECORD.finditer(text)]
+    if kind == "count":
+        return str(sum(t == topic for _, _, t in records))
+    if kind == "tally":
+        topics = [t.strip() for t in topic.split(",")]
+        return json.dumps({t: n for t in topics if (n := sum(r == t for _, _, r in records))})
+    if kind == "users":
+        users = list(dict.fromkeys(u for _, u, t in records if t == topic))
+        return ", ".join(users) if users else "none"
+    seen = list(dict.fromkeys(f"{u} {month}" for month, u, t in records if t == topic))
+    return "\n".join(seen) if seen else "none"
 
 
 def parse_chain(path):
@@ -156,6 +219,22 @@ PLANS = {
     ("multihop", "llm_chain"): ("one llm_query per hop, on the lines about the name",
                                 "a sub-model answers each hop from its lines"),
     ("multihop", "rlm_chain"): ("one child RLM per hop", "a child RLM answers each hop"),
+    ("aggregate", "halves"): ("count both halves with llm_query at once",
+                              "two halves, one llm_query each, concurrently"),
+    ("aggregate", "chunks_async"): ("count four chunks with llm_query at once",
+                                    "four chunks, one llm_query each, concurrently"),
+    ("aggregate", "chunks_sync"): ("count four chunks with llm_query in turn",
+                                   "four chunks, one llm_query after another"),
+    ("aggregate", "rlm_halves"): ("count both halves with child RLMs at once",
+                                  "two child RLMs in parallel, one per half"),
+    ("pairs", "halves"): ("users of both halves by llm_query at once",
+                          "two halves, one llm_query each, concurrently"),
+    ("pairs", "chunks_async"): ("users of four chunks by llm_query at once",
+                                "four chunks, one llm_query each, concurrently"),
+    ("pairs", "chunks_sync"): ("users of four chunks by llm_query in turn",
+                               "four chunks, one llm_query after another"),
+    ("pairs", "rlm_halves"): ("users of both halves by child RLMs at once",
+                              "two child RLMs in parallel, one per half"),
 }
 
 
@@ -258,6 +337,66 @@ def chain_turn(agent, relations, observations, strategy, rng):
                      f"    {name} = re.search({name} + \"'s \" + rel + r\" is ([^.\\n]+)\", context).group(1)\n"
                      f"FINAL(re.search({name} + r\"'s safehouse is in ([^.\\n]+)\", context).group(1))",
                 ("multihop", "regex"))
+
+
+def records_job(query):
+    """What a query over records asks, read from its text: (family, what a piece is asked,
+    the topic or topics it names), or None for a query of another form."""
+    if m := COUNT_QUERY.search(query):
+        return "aggregate", "count", m.group(1)
+    if MOST_QUERY.search(query) and (m := TOPICS_QUERY.search(query)):
+        return "aggregate", "tally", m.group(1)
+    if m := PAIRS_QUERY.search(query):
+        return "pairs", "months" if m.group(2) else "users", m.group(1)
+    return None
+
+
+def combine_code(kind, replies, rng):
+    """Code that combines the pieces' replies (the list `replies`) into the answer, and FINALs it."""
+    if kind == "count":
+        return f"FINAL(sum(int(re.search(r'\\d+', r).group()) for r in {replies}))"
+    if kind == "tally":
+        total = rng.choice(["total", "counts", "tally"])
+        return (f"{total} = {{}}\n"
+                f"for r in {replies}:\n"
+                f"    for t, k in json.loads(r).items():\n"
+                f"        {total}[t] = {total}.get(t, 0) + k\n"
+                f"FINAL(max({total}, key={total}.get))")
+    users = rng.choice(["users", "ids", "who"])
+    if kind == "users":
+        return (f"{users} = sorted({{int(u) for r in {replies} for u in re.findall(r'\\d+', r)}})\n"
+                f"FINAL([(a, b) for a in {users} for b in {users} if a < b])")
+    return (f"{users} = re.findall(r'(\\d+) (\\S+)', '\\n'.join({replies}))\n"
+            f"FINAL(sorted({{(a, b) for a, m in {users} for b, n in {users} if m == n and a < b}}))")
+
+
+def records_turn(family, kind, topic, observations, strategy, rng):
+    """Cut the records into n chunks (four, or two halves: every n-th record), ask each chunk the
+    piece question (llm_query one after another or all at once, or a child RLM per half), and
+    combine the replies in code."""
+    if observations:  # the first turn always FINALs; a second one means it failed
+        return final_reply(NOT_FOUND, rng)
+    if strategy not in RECORD_STRATEGIES:
+        strategy = "halves"
+    n = 4 if strategy.startswith("chunks") else 2
+    lines, replies = rng.choice(["lines", "records", "rows"]), rng.choice(["replies", "answers", "results"])
+    # Every n-th record: n chunks of the same size, and where a record sits does not matter here.
+    chunk, loop = f"'\\n'.join({lines}[i::{n}])", f"for i in range({n})"
+    head = f"{lines} = context.splitlines()[1:]\n"
+    if strategy == "rlm_halves":  # each child RLM is asked the piece question about its half
+        head += f"ask = {PIECE_ASKS[kind].format(topic)!r}\n"
+        asking = f"{replies} = await asyncio.gather(*[rlm_query_async(ask, {chunk}) {loop}])\n"
+    else:  # a prompt is the question, a newline and the chunk's records
+        head += f"ask = {PIECE_ASKS[kind].format(topic) + chr(10)!r}\n"
+        if strategy == "chunks_sync" and rng.random() < 0.5:
+            asking = f"{replies} = [llm_query(ask + {chunk}) {loop}]\n"
+        elif strategy == "chunks_sync":
+            asking = f"{replies} = []\n{loop}:\n    {replies}.append(llm_query(ask + {chunk}))\n"
+        elif rng.random() < 0.5:
+            asking = f"{replies} = llm_query_batched([ask + {chunk} {loop}])\n"
+        else:
+            asking = f"{replies} = await asyncio.gather(*[llm_query_async(ask + {chunk}) {loop}])\n"
+    return code(rng, head + asking + combine_code(kind, replies, rng), (family, strategy))
 
 
 # -----------------------------------------------------------------------------

@@ -2,16 +2,27 @@
 token-exact traces, and the teacher never sees the ground truth."""
 
 import asyncio
+import dataclasses
+import json
+import random
+import re
 
 import pytest
 
 from reward import RewardConfig, compute_reward
-from tasks import make_task
+from tasks import AGGREGATE_TEXTS, make_task
 from rlm import system_prompt
+import teacher
 from teacher import STRATEGIES, TeacherPolicy, demonstrate, make_demonstrations
 
 SETTINGS = dict(max_turns=2, max_new_tokens=160, max_generated_tokens=1024, max_sub_calls=8)
 CASES = [(family, strategy) for family, strategies in STRATEGIES.items() for strategy in strategies]
+# (length, seed) per family. A records strategy sends every record to a sub-call, in two or four
+# chunks that must fit a sub-call's window, so its lengths stop where the chunks still fit.
+SEARCH_LENGTHS = [(2000, 11), (30_000, 12), (300_000, 13)]
+RECORD_LENGTHS = [(2000, 11), (2000, 14), (8000, 12), (8000, 15), (30_000, 13)]
+LENGTHS = {"niah": SEARCH_LENGTHS, "multihop": SEARCH_LENGTHS, "aggregate": RECORD_LENGTHS, "pairs": RECORD_LENGTHS}
+TOPIC_OF = {text: label for label, texts in AGGREGATE_TEXTS.items() for text in texts}  # the test's own lookup
 
 
 def run(policy, task, strategy, seed=0, settings=SETTINGS):
@@ -20,7 +31,7 @@ def run(policy, task, strategy, seed=0, settings=SETTINGS):
 
 @pytest.mark.parametrize("family, strategy", CASES)
 def test_every_strategy_solves_its_family_across_lengths_and_seeds(tiny_policy, family, strategy):
-    for length, seed in [(2000, 11), (30_000, 12), (300_000, 13)]:
+    for length, seed in LENGTHS[family]:
         task = make_task(family, length, seed=seed)
         demo = run(tiny_policy, task, strategy, seed)
         assert demo.correctness == 1.0, (family, strategy, length, demo.rollout.answer, task.answer)
@@ -33,6 +44,73 @@ def test_multihop_with_more_hops_is_solved_by_code_and_sub_calls(tiny_policy):
     task = make_task("multihop", 20_000, seed=5, hops=4)
     for strategy in ("regex", "llm_chain", "rlm_chain"):
         assert run(tiny_policy, task, strategy).correctness == 1.0, strategy
+
+
+@pytest.mark.parametrize("family, variant", [("aggregate", {"question": "most_common"}),
+                                             ("pairs", {"condition": "same_month"})])
+def test_the_records_strategies_answer_the_other_questions_too(tiny_policy, family, variant):
+    for strategy in STRATEGIES[family]:
+        for length, seed in [(2000, 31), (8000, 32), (8000, 33)]:
+            task = make_task(family, length, seed=seed, **variant)
+            demo = run(tiny_policy, task, strategy, seed)
+            assert demo.correctness == 1.0, (family, strategy, length, demo.rollout.answer, task.answer)
+
+
+def _topic(record):
+    return TOPIC_OF.get(record.split(" || Text: ")[-1])
+
+
+def _user(record):
+    return int(re.search(r"User: (\d+)", record).group(1))
+
+
+def test_records_answers_follow_the_context_through_the_repl(tiny_policy):
+    """The records strategies count and pair in the REPL what their sub-calls read: on a context
+    with records taken out, the answer follows the context, away from the task's stored answer."""
+    task = make_task("aggregate", 8000, seed=7)
+    topic = re.search(r"How many records are about (\w+)\?", task.query).group(1)
+    lines = task.context.split("\n")
+    kept = [r for i, r in enumerate(lines) if i < len(lines) // 2 or _topic(r) != topic]
+    changed = dataclasses.replace(task, context="\n".join(kept))
+    expected = sum(_topic(r) == topic for r in kept)
+    assert expected != task.answer
+    for strategy in STRATEGIES["aggregate"]:
+        demo = run(tiny_policy, changed, strategy)
+        root = demo.rollout.calls[0]
+        assert demo.rollout.answer == str(expected), strategy
+        # One turn: the sub-calls' replies were combined by code, which called FINAL.
+        assert len(root.turns) == 1 and root.turns[0]["sub_calls"] and "FINAL(" in root.turns[0]["code"][0]
+
+    task = make_task("pairs", 8000, seed=7)
+    topic = re.search(r"records? about (\w+)", task.query).group(1)
+    lines = task.context.split("\n")
+    writers = sorted({_user(r) for r in lines[1:] if _topic(r) == topic})
+    kept = [r for r in lines if not (r.startswith("Date:") and _user(r) == writers[0] and _topic(r) == topic)]
+    changed = dataclasses.replace(task, context="\n".join(kept))
+    expected = [(a, b) for a in writers[1:] for b in writers[1:] if a < b]
+    assert len(expected) < len(task.answer)
+    for strategy in STRATEGIES["pairs"]:
+        demo = run(tiny_policy, changed, strategy)
+        assert demo.rollout.answer == str(expected), strategy
+        assert str(writers[1]) not in demo.rollout.calls[0].turns[0]["reply"]
+
+
+def test_a_sub_call_judges_each_record_of_its_prompt():
+    """The teacher's plain sub-call reads the records from its prompt and judges their topics."""
+    food, travel = AGGREGATE_TEXTS["food"], AGGREGATE_TEXTS["travel"]
+    records = "\n".join([f"Date: 2024-03-01 || User: 11111 || Text: {food[0]}",
+                         f"Date: 2024-03-09 || User: 22222 || Text: {travel[5]}",
+                         f"Date: 2024-05-02 || User: 33333 || Text: {food[7]}",
+                         f"Date: 2024-05-30 || User: 11111 || Text: {food[3]}"])
+
+    def answer(kind, topic):
+        prompt = teacher.PIECE_ASKS[kind].format(topic) + "\n" + records
+        return teacher.reply([("user", prompt)], "halves", random.Random(0))
+
+    assert answer("count", "food") == "3" and answer("count", "money") == "0"
+    assert json.loads(answer("tally", "food, travel, sports")) == {"food": 3, "travel": 1}
+    assert answer("users", "food") == "11111, 33333" and answer("users", "music") == "none"
+    assert answer("months", "food").splitlines() == ["11111 2024-03", "33333 2024-05", "11111 2024-05"]
 
 
 def test_the_truth_appears_in_a_reply_only_after_the_call_has_seen_it(tiny_policy):
@@ -58,23 +136,25 @@ def test_the_root_never_writes_the_answer_before_an_observation_shows_it(tiny_po
         assert task.answer not in root.turns[0]["reply"], strategy
 
 
-def test_demonstrations_are_token_exact(tiny_policy):
+@pytest.mark.parametrize("family, strategy, turns", [("multihop", "look", 3), ("aggregate", "rlm_halves", 1),
+                                                     ("pairs", "chunks_async", 1)])
+def test_demonstrations_are_token_exact(tiny_policy, family, strategy, turns):
     """Each call's ids are the template's rendering of its conversation, built as previous ids +
     sampled ids + observation ids; the sampled ids are exactly the teacher's reply + end-of-turn."""
-    demo = run(tiny_policy, make_task("multihop", 8000, seed=2), "look")
+    demo = run(tiny_policy, make_task(family, 8000, seed=2), strategy)
     root = demo.rollout.calls[0]
-    assert len(root.prompt_lengths) == 3  # three turns: two looks, then FINAL
+    assert len(root.prompt_lengths) == turns  # multihop look: two looks, then FINAL
     eos = tiny_policy.eos_token_ids[0]
-    for k, start in enumerate(root.prompt_lengths):
-        end = root.prompt_lengths[k + 1] if k + 1 < len(root.prompt_lengths) else len(root.token_ids)
-        sampled = [t for t, m in zip(root.token_ids[start:end], root.sampled_mask[start:end]) if m]
-        reply = root.turns[k]["reply"]
-        assert sampled == tiny_policy.encode(reply) + [eos]
-        assert all(root.sampled_mask[start:start + len(sampled)])
-        assert not any(root.sampled_mask[start + len(sampled):end])  # the observation is not sampled
-        if k + 1 < len(root.prompt_lengths):
-            follow = tiny_policy.followup_ids(root.turns[k]["observation"], ended_with_eos=True)
-            assert root.token_ids[start + len(sampled):end] == follow
+    for call in demo.rollout.calls:  # the root, child RLMs and plain sub-calls alike
+        for k, start in enumerate(call.prompt_lengths):
+            end = call.prompt_lengths[k + 1] if k + 1 < len(call.prompt_lengths) else len(call.token_ids)
+            sampled = [t for t, m in zip(call.token_ids[start:end], call.sampled_mask[start:end]) if m]
+            assert sampled == tiny_policy.encode(call.turns[k]["reply"]) + [eos]
+            assert all(call.sampled_mask[start:start + len(sampled)])
+            assert not any(call.sampled_mask[start + len(sampled):end])  # the observation is not sampled
+            if k + 1 < len(call.prompt_lengths):
+                follow = tiny_policy.followup_ids(call.turns[k]["observation"], ended_with_eos=True)
+                assert call.token_ids[start + len(sampled):end] == follow
     # The whole conversation re-rendered by the chat template gives the same ids.
     text = tiny_policy.decode(root.token_ids, skip_special_tokens=False)
     system = text.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
@@ -109,10 +189,20 @@ def test_the_cheaper_correct_strategy_is_rewarded_more(tiny_policy):
     rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
                for s in STRATEGIES["multihop"]}
     assert rewards["regex"] == max(rewards.values()) and rewards["rlm_chain"] == min(rewards.values())
+    # Records: child RLMs cost the most, and the same four chunks are quicker at once than in turn.
+    # Two halves save prompt tokens over four chunks; counts are short replies, so for aggregate
+    # that wins, while in pairs a half's longer list of users waits on the critical path.
+    for family in ("aggregate", "pairs"):
+        task = make_task(family, 8000, seed=9)
+        rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
+                   for s in STRATEGIES[family]}
+        assert rewards["rlm_halves"] == min(rewards.values()), family
+        assert rewards["chunks_async"] > rewards["chunks_sync"], family
+        assert (rewards["halves"] > rewards["chunks_async"]) == (family == "aggregate"), family
 
 
 def test_make_demonstrations_is_balanced_and_only_keeps_correct_ones(tiny_policy):
-    demos = make_demonstrations(tiny_policy, ["niah", "multihop"], [2000, 8000], per_strategy=2, seed=1,
+    demos = make_demonstrations(tiny_policy, list(STRATEGIES), [2000, 8000], per_strategy=2, seed=1,
                                 rlm_settings=SETTINGS)
     counts = {}
     for d in demos:
