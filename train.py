@@ -18,7 +18,8 @@ The run, top to bottom:
         every advantage 1 (ratio 1), which is the gradient of their negative log-likelihood
     RL, one step: sample tasks from the unlocked lengths -> group_size rollouts per task, all at
         once through one batcher -> reward (correctness minus cost and latency) -> group-relative
-        advantages (groups with no reward spread teach nothing: skipped and counted) -> update
+        advantages (groups with no reward spread, or with no correct rollout, teach nothing:
+        skipped and counted) -> update
     curriculum: lengths unlock one at a time, when held-out accuracy at the longest so far
         reaches promote_at (checked every eval_every RL steps)
     evaluate held-out tasks again (after), print both with the strategy profile, draw the curves
@@ -84,7 +85,10 @@ max_turns = 2  # turns per RLM call before the final "answer now" turn
 max_new_tokens = 160  # per reply (the teacher's longest reply is about 150 tokens)
 max_sub_calls = 8  # per rollout
 max_generated_tokens = 1024  # per rollout, the whole call tree; also the loss's normaliser
-temperature = 0.7  # sampling temperature in RL (log-probs are scored at the same temperature)
+# Sampling temperature in RL (log-probs are scored at the same temperature). Low on purpose: the
+# warm-started 135M model writes broken code in most samples at 0.7, and cost can only choose among
+# rollouts that are right; at 0.4 most are, and they still differ in strategy and length.
+temperature = 0.4
 # reward
 cost_weight = 0.1  # charge for tokens, relative to the cost budget
 latency_weight = 0.1  # charge for critical-path tokens, relative to the latency budget
