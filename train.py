@@ -457,6 +457,8 @@ def plot_curves(metrics, path):
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (title, ms, key) in zip(axes.flat, panels):
         ax.plot([m["step"] for m in ms], [m[key] for m in ms], marker=".")
+        if not ms:  # e.g. RL from --init_adapter has no warm start
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
