@@ -61,7 +61,7 @@ def group_advantages(rewards_N, group_size, correctness_N=None):
     # so such a group has exactly zero gradient and skip_zero_advantage can drop it.
     silent_G = rewards_GS.amax(dim=1) == rewards_GS.amin(dim=1)
     if correctness_N is not None:
-        silent_G |= _groups(correctness_N, group_size).amax(dim=1) <= 0
+        silent_G |= _unsolved(correctness_N, group_size)
     advantages_GS[silent_G] = 0.0
     return advantages_GS.flatten().to(torch.float32)
 
@@ -72,6 +72,17 @@ def zero_spread_fraction(rewards_N, group_size):
     if len(rewards_GS) == 0:
         return 0.0
     return (rewards_GS.amax(dim=1) == rewards_GS.amin(dim=1)).double().mean().item()
+
+
+def _unsolved(correctness_N, group_size):
+    """Per group: True when no rollout of it scored above 0."""
+    return _groups(correctness_N, group_size).amax(dim=1) <= 0
+
+
+def unsolved_fraction(correctness_N, group_size):
+    """Share of groups in which no rollout is correct: group_advantages(..., correctness_N) silences them."""
+    unsolved_G = _unsolved(correctness_N, group_size)
+    return unsolved_G.double().mean().item() if len(unsolved_G) else 0.0
 
 
 def token_budget_norm(n_rollouts, max_generated_tokens):

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, restore_rng, save_checkpoint, truncate_logs, write_whole
 from eval import evaluate, format_table, held_out_suite, summarize
 from grpo import (build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_stats, micro_batches,
-                  token_budget_norm, zero_spread_fraction)
+                  token_budget_norm, unsolved_fraction, zero_spread_fraction)
 from lora import load_policy
 from reward import RewardConfig, reward_for
 from rlm import RLM, Batcher, write_jsonl
@@ -383,8 +383,7 @@ def main(argv=None):
                     metrics = {"step": step + 1, "phase": "rl", "max_length": stages[stage],
                                **summarize_rollouts(rollouts, rewards), **stats,
                                "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
-                               "unsolved": mean([max(r["correctness"] for r in rewards[g:g + cfg["group_size"]]) == 0
-                                                 for g in range(0, len(rewards), cfg["group_size"])]),
+                               "unsolved": unsolved_fraction([r["correctness"] for r in rewards], cfg["group_size"]),
                                "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()

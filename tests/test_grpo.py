@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo import (Row, build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_stats,
-                  micro_batches, token_budget_norm, zero_spread_fraction)
+                  micro_batches, token_budget_norm, unsolved_fraction, zero_spread_fraction)
 
 
 # ---- advantages -------------------------------------------------------------------------------
@@ -36,6 +36,7 @@ def test_group_advantages_silence_groups_with_no_correct_rollout():
     assert gated[:4].tolist() == [0.0] * 4
     assert torch.equal(gated[4:], plain[4:])  # a solved group keeps every advantage, cost included
     assert gated[4] > 0 and (gated[5:] < 0).all()
+    assert unsolved_fraction(correctness, group_size=4) == 0.5
 
 
 def test_group_advantages_errors():
