@@ -45,6 +45,19 @@ def load_smollm_tokenizer():
     return AutoTokenizer.from_pretrained(_smollm_tokenizer_dir())
 
 
+def summation_tolerance(magnitude, dtype=torch.float32, steps=64):
+    """How far two computations of the same value may differ when only their float sums run in another order.
+
+    Reordering a sum of values of size ~`magnitude` moves the result by a few units in the last
+    place of that magnitude per reduction it passes through (embedding -> layers -> lm_head ->
+    log-softmax: a handful here, each over at most a few thousand terms whose rounding errors
+    mostly cancel). `steps` units of `dtype`'s eps at `magnitude` covers that on any CPU or BLAS
+    build, and is still far below what a real bug makes (a wrong position, token or mask moves a
+    log-prob by about 1).
+    """
+    return steps * torch.finfo(dtype).eps * max(float(magnitude), 1.0)
+
+
 def make_tiny_model(tokenizer, seed=0, hidden_size=64, eos_logit=16.5, logit_scale=4.0):
     """A random 2-layer Llama over the tokenizer's vocabulary whose samples end.
 
