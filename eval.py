@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 from reward import RewardConfig, compute_reward
 from rlm import RLM, Batcher, Cost, dependencies, strip_eos
-from tasks import FAMILIES, load_jsonl, make_suite, score
+from tasks import FAMILIES, cheap_answers, load_jsonl, make_suite, score
 
 METHODS = {
     "rlm": dict(allow_async=True, allow_rlm_query=True),
@@ -134,6 +135,30 @@ async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_
     return list(records)
 
 
+def wilson(successes, n, z=1.96):
+    """95% Wilson score interval (lo, hi) of a rate, from successes out of n.
+
+    Also used for mean credit in [0, 1] (a count's partial credit, F1), with successes = the sum
+    of credits: a variable in [0, 1] with mean p has variance at most p(1 - p), the Bernoulli
+    variance the interval is built on, so there it is conservative."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def fisher_exact(k1, n1, k2, n2):
+    """Two-sided p-value of Fisher's exact test that k1/n1 and k2/n2 share one rate: the chance,
+    with the margins fixed, of a table no likelier than the one observed."""
+    total, k = n1 + n2, k1 + k2
+    prob = lambda a: math.comb(n1, a) * math.comb(n2, k - a) / math.comb(total, k)  # noqa: E731
+    observed = prob(k1)
+    return min(1.0, sum(p for a in range(max(0, k - n2), min(k, n1) + 1)
+                        if (p := prob(a)) <= observed * (1 + 1e-9)))
+
+
 def summarize(records):
     """Mean of each figure per (policy, method, family, length); policies in the order first seen."""
     keys = ["correctness", "reward", "prompt_tokens", "generated_tokens", "llm_query", "rlm_query",
@@ -148,7 +173,11 @@ def summarize(records):
         row = {"policy": label, "method": method, "family": family, "length": length, "n": len(rs)}
         row.update({k: sum(r[k] for r in rs) / len(rs) for k in keys})
         row["answered"] = sum(r["answer"] is not None for r in rs) / len(rs)
-        row["concurrent_share"] = sum(r["concurrent"] for r in rs) / max(1, sum(r["sub_calls"] for r in rs))
+        row["accuracy_ci"] = wilson(sum(r["correctness"] for r in rs), len(rs))
+        row["solved"] = sum(r["correctness"] >= 1.0 for r in rs)   # full credit, for exact tests between rows
+        concurrent, sub_calls = sum(r["concurrent"] for r in rs), sum(r["sub_calls"] for r in rs)
+        row["concurrent_share"] = concurrent / max(1, sub_calls)
+        row["concurrent_ci"] = wilson(concurrent, sub_calls)
         if method == "direct":
             row["context_cut"] = sum(r["context_cut"] for r in rs) / len(rs)
         rows.append(row)
@@ -174,23 +203,73 @@ def strategy_profile(rollout):
 
 
 def format_table(rows):
-    """One line per row: accuracy, reward, cost and the strategy profile (conc = share of sub-calls run concurrently)."""
-    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'length':>8} {'n':>3} {'acc':>5} {'reward':>7} "
+    """One line per row: accuracy with its 95% interval, reward, cost and the strategy profile
+    (conc = share of sub-calls run concurrently)."""
+    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'length':>8} {'n':>3} {'acc':>5} {'95% CI':>11} {'reward':>7} "
               f"{'prompt':>7} {'gen':>5} {'crit':>5} {'turns':>5} {'subs':>5} {'conc':>5} {'depth':>5} {'wall_s':>6}")
     lines = [header, "-" * len(header)]
     for r in rows:
         note = f"  (context cut in {r['context_cut']:.0%})" if r.get("context_cut") else ""
         lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {r['length']:>8,} {r['n']:>3} "
-                     f"{r['correctness']:>5.2f} {r['reward']:>7.4f} {r['prompt_tokens']:>7.0f} "
+                     f"{r['correctness']:>5.2f} {_interval(r.get('accuracy_ci')):>11} {r['reward']:>7.4f} {r['prompt_tokens']:>7.0f} "
                      f"{r['generated_tokens']:>5.0f} {r['critical_path']:>5.0f} {r['turns']:>5.1f} "
                      f"{r['sub_calls']:>5.1f} {r['concurrent_share']:>5.0%} {r['depth']:>5.1f} "
                      f"{r['wall_seconds']:>6.1f}{note}")
     return "\n".join(lines)
 
 
-def held_out_suite(families, lengths, n, seed):
-    """Tasks by length. Training draws seeds from 0 upward; evaluation seeds start at 10**6."""
-    return {length: make_suite(families, [length], n, seed) for length in lengths}
+def _interval(ci):
+    return "-" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
+
+
+def best_constant(tasks):
+    """(answer, mean credit) of the one answer that earns most when given to every task of a
+    cell: an oracle constant, chosen knowing the cell's answers, so an upper bound on what any
+    constant earns there. Candidates are the cell's own answers and, for counts, every whole
+    number up to the largest."""
+    candidates = {json.dumps(t.answer) if isinstance(t.answer, list) else str(t.answer) for t in tasks}
+    if tasks and all(t.scoring == "number" for t in tasks):
+        candidates |= {str(i) for i in range(int(max(float(t.answer) for t in tasks)) + 1)}
+    credit = {c: sum(score(t, c) for t in tasks) / len(tasks) for c in sorted(candidates)}
+    return max(credit.items(), key=lambda kv: (kv[1], kv[0]), default=(None, 0.0))
+
+
+def floor_rows(tasks_by_length):
+    """What answers that never do the task earn, per family and length: each cheap answer of
+    tasks.cheap_answers (the whole context, a key-blind first match, every candidate at once)
+    and the best constant. A policy's accuracy means something only well above these."""
+    rows = []
+    for length, tasks in tasks_by_length.items():
+        by_family = {}
+        for t in tasks:
+            by_family.setdefault(str(t.family), []).append(t)
+        for family, ts in sorted(by_family.items()):
+            credit = {}
+            for t in ts:
+                for name, answer in cheap_answers(t).items():
+                    credit.setdefault(name, []).append(score(t, answer))
+            row = {"family": family, "length": length, "n": len(ts),
+                   **{name: sum(v) / len(v) for name, v in credit.items()}}
+            row["best constant"] = best_constant(ts)[1]
+            rows.append(row)
+    return rows
+
+
+def format_floor(rows):
+    """The floor as a table: mean credit of each cheap answer per family and length."""
+    names = ["whole context", "first match", "every candidate", "best constant"]
+    header = f"{'floor: family':<15} {'length':>8} {'n':>3} " + " ".join(f"{n:>15}" for n in names)
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['family'][:15]:<15} {r['length']:>8,} {r['n']:>3} "
+                     + " ".join(f"{r[n]:>15.3f}" if n in r else f"{'-':>15}" for n in names))
+    return "\n".join(lines)
+
+
+def held_out_suite(families, lengths, n, split="eval", start=0):
+    """Tasks by length, from a split that training never draws from (tasks.task_seed gives each
+    split its own seeds): "eval" for reported figures, "validation" for the curriculum's choices."""
+    return {length: make_suite(families, [length], n, split=split, start=start) for length in lengths}
 
 
 def main():
@@ -204,7 +283,9 @@ def main():
     parser.add_argument("--tasks", default="niah,multihop", help=f"comma-separated, from {','.join(FAMILIES)}")
     parser.add_argument("--lengths", default="4000,16000", help="context lengths in characters, comma-separated")
     parser.add_argument("--n", type=int, default=1, help="tasks per family and length")
-    parser.add_argument("--seed", type=int, default=10**6, help="first task seed (held out from training)")
+    parser.add_argument("--split", default="eval", choices=["eval", "validation"],
+                        help="which held-out seed space the tasks come from (training never draws from either)")
+    parser.add_argument("--start", type=int, default=0, help="index of the first task in the split (>= 0)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead")
     parser.add_argument("--max-turns", type=int, default=DEFAULT_RLM["max_turns"])
@@ -225,7 +306,7 @@ def main():
             tasks_by_length.setdefault(len(str(task.context)), []).append(task)
     else:
         tasks_by_length = held_out_suite(args.tasks.split(","), [int(x) for x in args.lengths.split(",")],
-                                         args.n, args.seed)
+                                         args.n, split=args.split, start=args.start)
     settings = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                     max_generated_tokens=args.max_generated_tokens)
     runs = [(name, folder or None, methods, tasks_by_length) for name, _, folder in
@@ -252,9 +333,12 @@ def main():
         records = [{k: v for k, v in r.items() if k != "trace"} for r in records]
     rows = summarize(records)
     print(format_table(rows))
+    floor = floor_rows(tasks_by_length)
+    print("\nwhat answers that never do the task earn (mean credit; best constant chosen knowing the answers):")
+    print(format_floor(floor))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "summary": rows, "records": records}, f, indent=1, default=str)
+        json.dump({"args": vars(args), "summary": rows, "floor": floor, "records": records}, f, indent=1, default=str)
     print(f"wrote {args.out}")
 
 

@@ -48,12 +48,18 @@ def _groups(rewards_N, group_size):
     return rewards_N.view(-1, int(group_size))
 
 
-def group_advantages(rewards_N, group_size, correctness_N=None):
+# A rollout solved its task only with full credit. Partial credit (a count off by one earns
+# 0.75, a pairs list half right an F1 of 0.5) is a wrong answer that came close.
+SOLVED_AT = 1.0
+
+
+def group_advantages(rewards_N, group_size, correctness_N=None, solved_at=SOLVED_AT):
     """A = r - mean(r over its group); groups are consecutive runs of group_size rollouts.
 
-    With correctness_N, a group in which no rollout scored above 0 gets advantage 0 too. Among
-    wrong answers only the cost terms spread the rewards, so such a group would teach broken code
-    to be shorter, and Adam's normalisation turns even that tiny spread into a full-sized step.
+    With correctness_N, a group in which no rollout solved its task (correctness >= solved_at)
+    gets advantage 0 too. Among wrong answers only the cost terms and partial credit spread the
+    rewards, so such a group would teach broken code to be shorter, or one wrong guess over
+    another, and Adam's normalisation turns even that tiny spread into a full-sized step.
     Cost is meant to choose between answers that are right."""
     rewards_GS = _groups(rewards_N, group_size)
     advantages_GS = rewards_GS - rewards_GS.mean(dim=1, keepdim=True)
@@ -61,7 +67,7 @@ def group_advantages(rewards_N, group_size, correctness_N=None):
     # so such a group has exactly zero gradient and skip_zero_advantage can drop it.
     silent_G = rewards_GS.amax(dim=1) == rewards_GS.amin(dim=1)
     if correctness_N is not None:
-        silent_G |= _unsolved(correctness_N, group_size)
+        silent_G |= _unsolved(correctness_N, group_size, solved_at)
     advantages_GS[silent_G] = 0.0
     return advantages_GS.flatten().to(torch.float32)
 
@@ -74,14 +80,14 @@ def zero_spread_fraction(rewards_N, group_size):
     return (rewards_GS.amax(dim=1) == rewards_GS.amin(dim=1)).double().mean().item()
 
 
-def _unsolved(correctness_N, group_size):
-    """Per group: True when no rollout of it scored above 0."""
-    return _groups(correctness_N, group_size).amax(dim=1) <= 0
+def _unsolved(correctness_N, group_size, solved_at=SOLVED_AT):
+    """Per group: True when no rollout of it solved its task (correctness >= solved_at)."""
+    return _groups(correctness_N, group_size).amax(dim=1) < solved_at
 
 
-def unsolved_fraction(correctness_N, group_size):
-    """Share of groups in which no rollout is correct: group_advantages(..., correctness_N) silences them."""
-    unsolved_G = _unsolved(correctness_N, group_size)
+def unsolved_fraction(correctness_N, group_size, solved_at=SOLVED_AT):
+    """Share of groups in which no rollout solved its task: group_advantages(..., correctness_N) silences them."""
+    unsolved_G = _unsolved(correctness_N, group_size, solved_at)
     return unsolved_G.double().mean().item() if len(unsolved_G) else 0.0
 
 

@@ -25,15 +25,21 @@ Text is joined from pools drawn once per task, so 10,000,000 characters take wel
 a second.
 
 Variants (keyword arguments of make_task, default in brackets):
-  niah       needles [1] in all; queried [1] of them asked (more than one: answer is a
-             list, scored by F1); decoys [0] look-alike keys per asked key (same words,
-             another suffix, then the words swapped); depth [random] of the first asked
-             needle, from 0 (first line) to 1 (last line)
-  aggregate  question ["count"] or "most_common"; label [random] to count
+  niah       needles [default_needles(length): 8 at 2,000 characters, 16 at 8,000, 250
+             from 125,000 on] in all, the ones not asked being look-alikes with other keys;
+             queried [1] of them asked (more than one: answer is a list, scored by F1);
+             decoys [0] look-alike keys per asked key (same words, another suffix, then the
+             words swapped); depth [random] of the first asked needle, from 0 (first line)
+             to 1 (last line)
+  aggregate  question ["count"] or "most_common"; label [random] to count. For "count" the
+             label's share of the records is drawn from [0, 0.75], so the count is spread
+             over a wide range and no constant guess earns much
   pairs      condition ["both"] or "same_month"; users [4 to 8, fewer when short] who
-             write about the label, so at most users*(users-1)/2 true pairs; label [random]
-  multihop   hops [2] facts to chain, 2 to 5; distractors [length/2000, 2 to 30] other
-             chains of the same shape
+             write about the label, so at most users*(users-1)/2 true pairs; label [random].
+             Many other users write the other records (one per 250 characters, at least
+             20), so listing every pair of every user is far from the answer
+  multihop   hops [2] facts to chain, 2 to 5; distractors [length/2000, 7 to 30, fewer when
+             short] other chains of the same shape
 
 Scoring (score(task, prediction) -> [0, 1]) is lenient about form, strict about content,
 and reads a sentence as it reads a bare value, so a baseline that answers in words is
@@ -46,7 +52,9 @@ FINAL(...) holds (up to the matching parenthesis), then what follows "the answer
           "ebony-panda-82", "Agent Mara Quill") is left out. Credit only when one distinct
           answer is named and it is right: "The special magic number for ebony-panda-82 is
           7485352." states 7485352; "either 1234567 or 7485352" states nothing. A kind holds
-          every answer its tasks can have, so listing guesses never pays.
+          every answer its tasks can have, so listing guesses never pays. A text of more
+          than MAX_STATED_CHARS (300) characters once unwrapped states nothing: handing
+          back the context, or a chunk of it, earns 0 however few values it names.
   number  0.75 ** |error| (OOLONG's partial credit for counts) of the number stated,
           leaving out numbers in keys or dates, the query's numbers and reference totals
           ("out of 25", "3 of 25", "of the 25"): "There are 3 records about it (out of 25)"
@@ -66,6 +74,7 @@ Usage:
 """
 
 import ast
+import hashlib
 import inspect
 import itertools
 import json
@@ -76,6 +85,10 @@ from pathlib import Path
 
 FAMILIES = ("niah", "aggregate", "pairs", "multihop")
 SCORINGS = ("exact", "number", "f1")
+# Where tasks are used. Each split owns its own seed space (see task_seed), so held-out data is
+# held out by construction, not by the luck of two random draws never meeting.
+SPLITS = ("train", "demo", "validation", "eval")
+_SPLIT_SHIFT = 56   # a split's seeds are (split number << 56) + 56 bits of a hash
 
 
 @dataclass
@@ -139,10 +152,13 @@ def _filler_lines(rng, n_chars):
 def _scatter(lines, facts, rng, fixed=None):
     """Insert each fact as its own line at a random line boundary (fixed: {index: 0..1})."""
     fixed = fixed or {}
-    slots = [(round(fixed[i] * len(lines)) if i in fixed else rng.randrange(len(lines) + 1), i)
+    # Facts that land on the same line boundary go in random order: ordered by index, the
+    # asked needle or chain (index 0) would come first among them, which a key-blind
+    # "first match" could exploit.
+    slots = [(round(fixed[i] * len(lines)) if i in fixed else rng.randrange(len(lines) + 1), rng.random(), i)
              for i in range(len(facts))]
     out, prev = [], 0
-    for pos, i in sorted(slots):
+    for pos, _, i in sorted(slots):
         out.extend(lines[prev:pos])
         out.append(facts[i])
         prev = pos
@@ -178,7 +194,16 @@ def _join_names(names):
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _niah(rng, length, needles=1, queried=1, decoys=0, depth=None):
+def default_needles(length):
+    """How many needles a niah context holds unless told: one per 500 characters, at least 8
+    and at most 250, and never more than leave most of a short context to filler. The others
+    are look-alikes with other keys, so only reading for the asked key finds its value: the
+    first 7-digit number, or every one of them, is almost never the answer."""
+    return max(1, min(250, max(8, length // 500), (length - 400) // 120))
+
+
+def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None):
+    needles = default_needles(length) if needles is None else needles
     if not 1 <= queried <= needles:
         raise ValueError(f"niah needs 1 <= queried <= needles, got queried={queried}, needles={needles}")
     if not 0 <= decoys <= 40:
@@ -325,8 +350,14 @@ def _aggregate(rng, length, question="count", label=None):
         raise ValueError(f"aggregate label must be one of {AGGREGATE_LABELS}, got {label!r}")
     _check_record_length(length, "aggregate")
     budget = length - len(_HEADER)
+    if question == "count":
+        label = label or rng.choice(AGGREGATE_LABELS)
+        share = rng.uniform(0.0, 0.75)   # the counted label's expected share: a wide spread of counts
     for _ in range(1000):  # redraw until the most common label is unique (small contexts tie)
         weights = [rng.uniform(0.5, 1.5) for _ in AGGREGATE_LABELS]
+        if question == "count":
+            i = AGGREGATE_LABELS.index(label)
+            weights[i] = share / (1 - share) * (sum(weights) - weights[i])
         users = rng.sample(range(10_000, 100_000), max(5, min(5_000, budget // 2_000)))
         lines, labels, _ = _fill_records(rng, budget, users, weights)
         counts = {lab: labels.count(lab) for lab in AGGREGATE_LABELS}
@@ -335,7 +366,6 @@ def _aggregate(rng, length, question="count", label=None):
             break
     context = _HEADER + "".join("\n" + line for line in lines)
     if question == "count":
-        label = label or rng.choice(AGGREGATE_LABELS)
         query = (f"{_topics_clause()} How many records are about {label}? Answer with a number.")
         return query, context, counts[label], "number"
     query = (f"{_topics_clause()} Which topic do the most records have? Answer with the topic only.")
@@ -357,7 +387,7 @@ def _pairs(rng, length, condition="both", users=None, label=None):
                          "use fewer users or a longer context")
     # Only the k chosen users ever write about `label`, which keeps the true pairs few
     # (at most k*(k-1)/2) however long the context is.
-    ids = rng.sample(range(10_000, 100_000), k + max(5, min(5_000, budget // 2_000)))
+    ids = rng.sample(range(10_000, 100_000), k + max(20, min(5_000, budget // 250)))
     chosen, per_user = ids[:k], (1 if room < 12 * k else 3)
     for _ in range(1000):
         rare = [(u, rng.choice(_DATES)) for u in chosen for _ in range(rng.randint(1, per_user))]
@@ -409,7 +439,10 @@ _RELATIONS = ("handler", "contact", "courier", "informant")  # hop i uses _RELAT
 def _multihop(rng, length, hops=2, distractors=None):
     if not 2 <= hops <= len(_RELATIONS) + 1:
         raise ValueError(f"multihop hops must be in [2, {len(_RELATIONS) + 1}], got {hops}")
-    n_chains = 1 + (distractors if distractors is not None else max(2, min(30, length // 2_000)))
+    # Enough other chains that the first city in the text, or any one city, is rarely the answer;
+    # fewer when a short context would be mostly facts.
+    fit = max(2, (length - 400) // (hops * 2 * 45 + 60))
+    n_chains = 1 + (distractors if distractors is not None else min(max(7, min(30, length // 2_000)), fit))
     if n_chains * hops > len(_FIRST) * len(_LAST):
         raise ValueError(f"multihop distractors={distractors} needs more names than there are")
     people = rng.sample([f"{a} {b}" for a in _FIRST for b in _LAST], n_chains * hops)
@@ -435,6 +468,26 @@ def _multihop(rng, length, hops=2, distractors=None):
 # ----------------------------------------------------------------------------------
 # Making tasks
 
+def task_seed(split, family, length, index):
+    """The seed of the index-th task of (split, family, length).
+
+    The split is the seed's top bits and the rest is a hash of (family, length, index), so:
+    two splits can never share a seed (training can never draw an evaluation task), every
+    (length, index) is its own task (an 8,000- and a 512,000-character cell ask different
+    needles), and seeds below 2**56, which a user passes by hand, belong to no split.
+    index: anything with a str(), e.g. 7 or "run0/step3/1"."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    digest = hashlib.sha256(f"{family}/{length}/{index}".encode()).digest()
+    return (SPLITS.index(split) + 1) << _SPLIT_SHIFT | int.from_bytes(digest[:7], "big")
+
+
+def split_of(seed):
+    """The split a seed was made for by task_seed, or None for a hand-picked seed."""
+    k = int(seed) >> _SPLIT_SHIFT
+    return SPLITS[k - 1] if 1 <= k <= len(SPLITS) else None
+
+
 _GENERATORS = {"niah": _niah, "aggregate": _aggregate, "pairs": _pairs, "multihop": _multihop}
 
 
@@ -453,18 +506,22 @@ def make_task(family, length, seed, **variant):
     return Task(family, query, context, answer, scoring, seed)
 
 
-def make_suite(families, lengths, n, seed, variants=None):
-    """n tasks per (length, family), seeds drawn from `seed`: the same call, the same list.
-    variants: optional {family: {variant: value}} applied to every task of that family."""
-    rng = random.Random(seed)
+def make_suite(families, lengths, n, split="eval", start=0, variants=None):
+    """n tasks per (length, family) of one split, indices start..start+n-1: the same call,
+    the same list. variants: optional {family: {variant: value}} applied to every task of
+    that family."""
     variants = variants or {}
-    return [make_task(f, length, rng.randrange(2**31), **variants.get(f, {}))
-            for length in lengths for f in families for _ in range(n)]
+    return [make_task(f, length, task_seed(split, f, length, start + i), **variants.get(f, {}))
+            for length in lengths for f in families for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------
 # Scoring
 
+# A stated answer is at most this long (after FINAL(...) and "the answer is" are unwrapped): a
+# sentence or two. Longer text, such as a chunk of the context handed back, states nothing, even
+# when it happens to name one value of the answer's kind.
+MAX_STATED_CHARS = 300
 _ANSWER_MARK = re.compile(r"\banswer\s*(?:is\b|:|=)\s*", re.I)
 _FINAL_OPEN = re.compile(r"\bfinal(?:_var)?\s*\(", re.I)
 _STRIP = " \t\r\n\"'`*.,;:!?"
@@ -685,6 +742,8 @@ def score(task, prediction):
             return 1.0
         if task.scoring == "number" and _NUMBER.fullmatch(plain):
             return 0.75 ** abs(_value(plain) - float(task.answer))
+        if len(stated) > MAX_STATED_CHARS:
+            return 0.0   # restates (part of) the context rather than stating an answer
         found, gold = _stated_answers(task, stated) or ([], None)
         if task.scoring == "exact":
             return float(found == [gold])
@@ -696,6 +755,39 @@ def score(task, prediction):
         gold_set = [frozenset(_canon_id(x, numeric) for x in pair) for pair in gold]
         return f1(parse_list(text, pairs=True, numeric_ids=numeric), gold_set)
     return f1(parse_list(text), [normalize(x) for x in gold])
+
+
+def cheap_answers(task):
+    """Answers that never read for what the query asks: {name: prediction}. Each must earn
+    (next to) nothing, or the family can be solved without doing the task; eval.py prints
+    what they earn beside the policies, and the tests hold them to it.
+
+      whole context    the context handed back (FINAL(context))
+      first match      the first value of the answer's kind in the context, key-blind
+      every candidate  every value of the answer's kind in the context at once
+    """
+    text = task.context if isinstance(task.context, str) else json.dumps(task.context)
+    out = {"whole context": text}
+    if task.family == "niah":
+        found = re.findall(r"(?<!\d)\d{7}(?!\d)", text)
+    elif task.family == "multihop":
+        found = re.findall(r"safehouse is in (\w+)", text)
+    elif task.family == "aggregate":
+        n_records = text.count("\n")
+        if task.scoring == "number":   # key-blind: an even share of the records per topic
+            found = [str(round(n_records / len(AGGREGATE_LABELS)))] + [str(i) for i in range(n_records + 1)]
+        else:
+            found = list(AGGREGATE_LABELS)
+    elif task.family == "pairs":
+        users = sorted(set(re.findall(r"User: (\d+)", text)))
+        found = [json.dumps([list(map(int, p)) for p in itertools.combinations(users, 2)])]
+    else:
+        found = []
+    found = list(dict.fromkeys(found))
+    if found:
+        out["first match"] = found[0]
+        out["every candidate"] = found[0] if task.family == "pairs" else ", ".join(found)
+    return out
 
 
 # ----------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import zlib
 from dataclasses import dataclass
 
 from rlm import RLM, Batcher, system_prompt
-from tasks import AGGREGATE_TEXTS, make_task, score
+from tasks import AGGREGATE_TEXTS, make_task, score, task_seed
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
 STRATEGIES = {"niah": ("regex", "look", "window", "split_async", "split_sync"),
@@ -432,7 +432,7 @@ async def _demonstrate_all(policy, jobs, rlm_settings, max_concurrent):
 
 def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8):
     """per_strategy correct demonstrations of every strategy of every family, each on its own task
-    (seeds from `seed` * 10**5 upward, away from evaluation's 10**6). Balanced: a strategy whose
+    (from the "demo" split of tasks.task_seed, which no evaluation draws from). Balanced: a strategy whose
     rollout fails on a task is retried on the next task, so each gets the same count."""
     rlm_settings = rlm_settings or {}
     demos = []
@@ -443,9 +443,9 @@ def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_set
                 need = per_strategy - len(kept)
                 jobs = []
                 for k in range(attempt, attempt + need):
-                    task_seed = seed * 10**5 + s_index * 10**4 + k
                     length = lengths[k % len(lengths)]
-                    jobs.append((make_task(family, length, seed=task_seed), strategy, task_seed))
+                    task = make_task(family, length, seed=task_seed("demo", family, length, f"{seed}/{s_index}/{k}"))
+                    jobs.append((task, strategy, task.seed))
                 attempt += need
                 results = asyncio.run(_demonstrate_all(policy, jobs, rlm_settings, max_concurrent))
                 kept += [d for d in results if d.correctness == 1.0]

@@ -55,7 +55,7 @@ from grpo import (build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_
 from lora import load_policy
 from reward import RewardConfig, reward_for
 from rlm import RLM, Batcher, write_jsonl
-from tasks import FAMILIES, make_task
+from tasks import FAMILIES, make_task, task_seed
 from teacher import STRATEGIES, make_demonstrations
 from view import write_html
 
@@ -211,10 +211,13 @@ def warm_start_batches(policy, cfg):
 
 
 def step_tasks(cfg, step, lengths):
-    """The tasks of one RL step, each repeated group_size times (consecutive = one group)."""
+    """The tasks of one RL step, each repeated group_size times (consecutive = one group).
+    Drawn from the training split's own seeds (tasks.task_seed), which no evaluation can reach."""
     rng = random.Random(f"{cfg['seed']}-{step}")
-    tasks = [make_task(rng.choice(cfg["families"].split(",")), rng.choice(lengths),
-                       seed=step * cfg["tasks_per_step"] + i) for i in range(cfg["tasks_per_step"])]
+    tasks = []
+    for i in range(cfg["tasks_per_step"]):
+        family, length = rng.choice(cfg["families"].split(",")), rng.choice(lengths)
+        tasks.append(make_task(family, length, seed=task_seed("train", family, length, f"{cfg['seed']}/{step}/{i}")))
     return [t for t in tasks for _ in range(cfg["group_size"])]
 
 
@@ -232,8 +235,11 @@ async def collect(rlm, tasks, seed):
     return rollouts
 
 
-def update(policy, optimizer, rollouts, advantages_N, cfg):
-    """Dr. GRPO on one batch of rollouts, one advantage each; returns what is worth logging."""
+def update(policy, optimizer, rollouts, advantages_N, cfg, temperature=None):
+    """Dr. GRPO on one batch of rollouts, one advantage each; returns what is worth logging.
+    temperature: what the log-probs are scored at; None is RL's sampling temperature (the policy
+    that sampled). warm_step scores at 1."""
+    temperature = cfg["temperature"] if temperature is None else temperature
     # HF checkpoints activations only in train mode, and the model may come here in eval mode. Train
     # mode changes nothing else as long as dropout is 0: LoRA's is (load_policy's default), and so is
     # the attention dropout of SmolLM2 and other Llama-style configs.
@@ -244,7 +250,7 @@ def update(policy, optimizer, rollouts, advantages_N, cfg):
     norm = token_budget_norm(len(rollouts), cfg["max_generated_tokens"])
     params = policy.trainable_parameters()
     score = lambda b, **kw: policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT,
-                                            temperature=cfg["temperature"], **kw)
+                                            temperature=temperature, **kw)
     with torch.no_grad():
         for b in batches:
             # One epoch means old == current (ratio 1, same gradient): no separate pass needed.
@@ -271,6 +277,14 @@ def update(policy, optimizer, rollouts, advantages_N, cfg):
             "kl": merged.get("kl"),  # against the base model, measured only when beta > 0
             "train_rows": len(rows), "train_tokens": (tokens := sum(sum(r.loss_mask) for r in rows)),
             "nll": nll / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update
+
+
+def warm_step(policy, optimizer, demonstrations, cfg):
+    """One warm-start step: behaviour cloning of the teacher, as the Dr. GRPO update with every
+    advantage 1. Scored at temperature 1, whatever RL samples at, so that it minimises the plain
+    NLL of the teacher's tokens (at temperature T it would fit logits / T instead, and the same
+    command would train another objective whenever the RL temperature changed)."""
+    return update(policy, optimizer, demonstrations, [1.0] * len(demonstrations), cfg, temperature=1.0)
 
 
 class DeferInterrupt:
@@ -363,7 +377,7 @@ def main(argv=None):
             t0 = time.time()
             if phase == "warm":  # behaviour cloning: every advantage 1
                 with DeferInterrupt():
-                    stats = update(policy, optimizer, warm[step], [1.0] * len(warm[step]), cfg)
+                    stats = warm_step(policy, optimizer, warm[step], cfg)
                     metrics = {"step": step + 1, "phase": "warm", **stats, "update_seconds": time.time() - t0,
                                "lr": cfg["warm_lr"]}
                     log.write(json.dumps(metrics) + "\n")
@@ -417,10 +431,13 @@ def main(argv=None):
 
 
 def run_eval(policy, reward_config, cfg, step, lengths, label):
-    """Greedy rollouts on held-out seeds, through eval.py's code; logged, and shown as a page. -> summary rows"""
+    """Greedy rollouts on held-out tasks, through eval.py's code; logged, and shown as a page. -> summary rows"""
     if not cfg["eval_n"]:
         return []
-    suite = held_out_suite(cfg["families"].split(","), lengths, cfg["eval_n"], seed=10**6)
+    # The curriculum decides on the validation split; before/after report on the evaluation split,
+    # which nothing in training ever looks at.
+    split = "validation" if label == "curriculum" else "eval"
+    suite = held_out_suite(cfg["families"].split(","), lengths, cfg["eval_n"], split=split)
     records = asyncio.run(evaluate(Batcher(policy, temperature=0.0), suite, ["rlm"], rlm_settings(cfg),
                                    reward_config, progress=False, keep_traces=True))
     rows = summarize([{**r, "policy": label} for r in records])

@@ -39,6 +39,21 @@ def test_group_advantages_silence_groups_with_no_correct_rollout():
     assert unsolved_fraction(correctness, group_size=4) == 0.5
 
 
+def test_partial_credit_does_not_make_a_group_solved():
+    # Four wrong counts with partial credit (0.75 ** |error|): close guesses, none of them right.
+    # Only full credit solves a task, so this group teaches nothing, while a group with one exact
+    # count among partial ones is solved and keeps its advantages.
+    guesses = [0.42, 0.13, 0.08, 0.03]
+    one_right = [1.0, 0.42, 0.13, 0.08]
+    rewards = [c - 0.01 for c in guesses + one_right]
+    gated = group_advantages(rewards, group_size=4, correctness_N=guesses + one_right)
+    assert gated[:4].tolist() == [0.0] * 4
+    assert torch.equal(gated[4:], group_advantages(rewards, group_size=4)[4:])
+    assert unsolved_fraction(guesses + one_right, group_size=4) == 0.5
+    # a per-family bar can be set explicitly
+    assert group_advantages(rewards, 4, correctness_N=guesses + one_right, solved_at=0.4)[:4].abs().sum() > 0
+
+
 def test_group_advantages_errors():
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages([1.0, 0.0, 1.0], group_size=2)

@@ -9,7 +9,8 @@ import pytest
 
 import tasks
 from tasks import (AGGREGATE_LABELS, AGGREGATE_TEXTS, FAMILIES, MAX_RECORD_CHARS, Task,
-                   load_jsonl, make_suite, make_task, save_jsonl, score)
+                   MAX_STATED_CHARS, SPLITS, cheap_answers, load_jsonl, make_suite, make_task, save_jsonl,
+                   score, split_of, task_seed)
 
 EXACT_LENGTH = ("niah", "multihop")  # record families stop at a whole record
 
@@ -65,15 +66,72 @@ def test_bad_requests_are_refused_with_a_reason():
 
 
 def test_suite_is_deterministic_and_complete():
-    a = make_suite(["niah", "multihop"], [3_000, 6_000], n=3, seed=1)
-    assert a == make_suite(["niah", "multihop"], [3_000, 6_000], n=3, seed=1)
+    a = make_suite(["niah", "multihop"], [3_000, 6_000], n=3, split="eval")
+    assert a == make_suite(["niah", "multihop"], [3_000, 6_000], n=3, split="eval")
     assert len(a) == 12
     assert Counter((t.family, len(t.context)) for t in a) == {
         (f, n): 3 for f in ("niah", "multihop") for n in (3_000, 6_000)}
     assert len({t.seed for t in a}) == 12
-    assert a != make_suite(["niah", "multihop"], [3_000, 6_000], n=3, seed=2)
-    b = make_suite(["niah"], [4_000], n=2, seed=0, variants={"niah": {"needles": 3, "queried": 2}})
+    assert a != make_suite(["niah", "multihop"], [3_000, 6_000], n=3, split="eval", start=3)
+    b = make_suite(["niah"], [4_000], n=2, variants={"niah": {"needles": 3, "queried": 2}})
     assert all(t.scoring == "f1" and len(t.answer) == 2 for t in b)
+
+
+def test_splits_own_disjoint_seed_spaces_by_construction():
+    # The split is the seed's top bits, so no index, family or length can make two splits meet,
+    # and a hand-picked seed (below 2**56) is in no split at all.
+    for split in SPLITS:
+        for index in (0, 1, 10**6, "run0/step3/1"):
+            seed = task_seed(split, "niah", 8000, index)
+            assert split_of(seed) == split
+    assert all(split_of(s) is None for s in (0, 7, 10**6, 2**31, 2**56 - 1))
+    suites = {split: make_suite(["niah", "multihop"], [2_000, 8_000], n=20, split=split)
+              for split in ("train", "validation", "eval")}
+    seeds = {split: {t.seed for t in suite} for split, suite in suites.items()}
+    assert all(len(s) == 80 for s in seeds.values())
+    assert not (seeds["train"] & seeds["eval"]) and not (seeds["validation"] & seeds["eval"])
+    with pytest.raises(ValueError, match="unknown split"):
+        task_seed("test", "niah", 8000, 0)
+
+
+def test_each_length_asks_its_own_needle():
+    # The same index at another length is another task: its own key and value, not the same
+    # needle in a longer haystack.
+    short, long = (make_suite(["niah"], [n], n=10)[0:10] for n in (8_000, 512_000))
+    assert not {t.answer for t in short} & {t.answer for t in long}
+    assert not {t.query for t in short} & {t.query for t in long}
+
+
+@pytest.mark.parametrize("family, length, bound", [
+    ("niah", 8_000, 0.15), ("niah", 32_000, 0.1), ("multihop", 8_000, 0.15), ("multihop", 32_000, 0.15),
+    ("aggregate", 8_000, 0.2), ("aggregate", 32_000, 0.1), ("pairs", 8_000, 0.15), ("pairs", 32_000, 0.1)])
+def test_answers_that_never_look_for_the_key_earn_next_to_nothing(family, length, bound):
+    # 40 evaluation tasks per cell. Handing back the context earns 0 everywhere; so does naming
+    # every candidate of the answer's kind at once. A key-blind first match is right about as
+    # often as chance allows (1 in 16 needles at 8,000 characters, 1 in 64 at 32,000).
+    suite = make_suite([family], [length], n=40)
+    credit = {}
+    for task in suite:
+        for name, answer in cheap_answers(task).items():
+            credit.setdefault(name, []).append(score(task, answer))
+    assert set(credit) == {"whole context", "first match", "every candidate"}
+    assert sum(credit["whole context"]) == 0
+    if family in ("niah", "multihop"):   # several values named: no credit
+        assert sum(credit["every candidate"]) == 0
+    for name, values in credit.items():
+        assert sum(values) / len(values) <= bound, (name, sum(values) / len(values))
+
+
+def test_a_long_restatement_states_nothing():
+    task = make_task("niah", 8_000, 5, needles=1)   # one needle: no look-alike to give the dump away
+    needle = next(line for line in task.context.split("\n") if task.answer in line)
+    start = task.context.index(needle)
+    assert score(task, needle) == 1.0                                   # a sentence that states it
+    assert score(task, f"FINAL({needle})") == 1.0
+    chunk = task.context[max(0, start - 400):start + len(needle) + 400]
+    assert len(chunk) > MAX_STATED_CHARS and chunk.count(task.answer) == 1
+    assert score(task, chunk) == 0.0                                    # a chunk handed back
+    assert score(task, task.context) == 0.0 and score(task, f"FINAL({task.context})") == 0.0
 
 
 # ---------------------------------------------------------------- pools
@@ -193,7 +251,7 @@ def test_ground_truth_is_recoverable(family, variant, length):
 
 
 def test_niah_decoys_look_alike_but_differ():
-    task = make_task("niah", 30_000, 3, decoys=6)
+    task = make_task("niah", 30_000, 3, needles=1, decoys=6)   # no other keys: only the decoys look alike
     key = re.search(r"for (\S+) mentioned", task.query).group(1)
     a, b, _ = key.split("-")
     keys = [k for k, _ in NEEDLE.findall(task.context)]

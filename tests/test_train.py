@@ -88,6 +88,26 @@ def test_update_changes_only_lora_and_raises_log_probs_of_positive_advantage():
     assert changed and all("lora_" in n for n in changed)
 
 
+def test_the_warm_start_clones_at_temperature_one_whatever_rl_samples_at():
+    # Behaviour cloning is the plain NLL of the teacher's tokens: the warm step must not depend on
+    # the RL temperature in the config, and its NLL is the one scored at temperature 1.
+    adapters, nlls = [], []
+    for rl_temperature in (0.4, 1.0):
+        policy = make_tiny_policy(seed=8)
+        demos = fixed_rollouts(policy, [policy.encode("The key is 7.") + [policy.eos_token_ids[0]],
+                                        policy.encode(" banana purple window")])
+        tokens = sum(sum(r.calls[0].sampled_mask) for r in demos)
+        expected_nll = -sum(rollout_logprob(policy, r) for r in demos) / tokens   # at temperature 1
+        stats = train.warm_step(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), demos,
+                                config(temperature=rl_temperature))
+        # the NLL is computed in float32 over ~20 log-probs of size ~10: equal to a few float32 steps
+        assert stats["nll"] == pytest.approx(expected_nll, rel=1e-5)
+        adapters.append([p.detach().clone() for p in policy.trainable_parameters()])
+        nlls.append(stats["nll"])
+    assert nlls[0] == nlls[1]   # the same computation, bit for bit: the temperature played no part
+    assert all(torch.equal(a, b) for a, b in zip(*adapters))
+
+
 def test_equal_rewards_leave_the_adapter_alone():
     policy = make_tiny_policy(seed=4)
     rollouts = sampled_rollouts(policy)
@@ -272,3 +292,24 @@ def test_several_epochs_and_a_kl_term_are_measured():
     assert first["clip_fraction"] >= 0.0
     no_ref = train.update(policy, optimizer, rollouts, [1.0, 0.0], config())
     assert no_ref["kl"] is None  # beta = 0: no reference pass, so nothing is claimed
+
+
+def test_the_curriculum_decides_on_a_split_the_final_evaluation_never_uses(tmp_path, monkeypatch):
+    asked = {}
+
+    def suite(families, lengths, n, split="eval", start=0):
+        from eval import held_out_suite
+        tasks = held_out_suite(families, lengths, n, split=split, start=start)
+        asked.setdefault(split, set()).update(t.seed for ts in tasks.values() for t in ts)
+        return {}   # nothing to roll out: only which tasks were asked for matters here
+
+    async def no_rollouts(*args, **kwargs):
+        return []
+    monkeypatch.setattr(train, "held_out_suite", suite)
+    monkeypatch.setattr(train, "evaluate", no_rollouts)
+    monkeypatch.setattr(train, "write_html", lambda *a, **k: None)
+    cfg = config(out_dir=str(tmp_path), eval_n=8, families="niah,multihop")
+    for label in ("before", "curriculum", "after"):
+        train.run_eval(None, None, cfg, 0, [8000], label)
+    assert set(asked) == {"validation", "eval"}
+    assert len(asked["validation"]) == len(asked["eval"]) == 16 and not asked["validation"] & asked["eval"]

@@ -228,7 +228,7 @@ def test_any_string_in_a_trace_is_written_as_valid_utf8_and_shown(rollout, tmp_p
 
 
 def test_index_of_eval_records_and_the_command_line(rollout, tmp_path):
-    suite = evaluation.held_out_suite(["niah"], [2000], n=1, seed=7)
+    suite = evaluation.held_out_suite(["niah"], [2000], n=1, start=7)
     solver = repl_block("import re\nkey = re.search(r'number for (\\S+) mentioned', query).group(1)\n"
                         "FINAL(re.search(re.escape(key) + r' is (\\d+)', context).group(1))")
     policy = ScriptedPolicy(lambda text: solver if parse(text)["kind"] == "rlm" else "1234567")
