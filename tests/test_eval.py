@@ -5,10 +5,13 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import eval as evaluation
 from rlm import Batcher
 from scripted import ScriptedPolicy, parse, repl_block
+
+ROOT = Path(__file__).resolve().parents[1]   # eval.py runs from here, whatever the working directory
 
 SOLVER = repl_block(
     "import re\n"
@@ -62,9 +65,9 @@ def test_eval_script_runs_on_a_tiny_model(tmp_path, tiny_policy):
     tiny_policy.tokenizer.save_pretrained(model_dir)
     out = tmp_path / "eval.json"
     result = subprocess.run(
-        [sys.executable, "eval.py", "--model", str(model_dir), "--tasks", "niah", "--lengths", "2000", "--n", "1",
+        [sys.executable, str(ROOT / "eval.py"), "--model", str(model_dir), "--tasks", "niah", "--lengths", "2000", "--n", "1",
          "--max-turns", "1", "--max-new-tokens", "16", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.search(r"^rlm-sync\s+rlm-sync\s+niah\s+2,000\s+1\s", result.stdout, re.MULTILINE)
     report = json.loads(out.read_text())

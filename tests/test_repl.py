@@ -87,12 +87,12 @@ def test_context_kinds_str_list_dict():
     assert run_cells(["context['k']"], context={"k": "v"})[0] == ["'v'"]
 
 
-def test_fifty_million_character_context_loads_fast():
+def test_fifty_million_character_context_loads_whole():
+    # Whole and intact; how fast, against piping the same characters to a fresh python, is
+    # bench.py's (`python bench.py --only repl`): a fixed number of seconds holds on no machine.
     big = "abcdefghij" * 5_000_000
-    started = time.perf_counter()
     obs, _ = run_cells(["len(context)", "context[-3:]", "context.count('j')"], context=big)
     assert obs == ["50000000", "'hij'", "5000000"]
-    assert time.perf_counter() - started < 10
 
 
 def test_reserved_names_are_restored_after_each_execute():
@@ -107,16 +107,38 @@ def test_empty_cell_and_comment_only_cell():
 
 # --- sub-calls ---
 
+class Barrier(Recorder):
+    """A handler that answers nothing until `n` requests are in flight at once (or `patience`
+    seconds from the first passed, then answers anyway): requests that overlap reach n whatever the machine's
+    speed; one at a time they never do (each waits for the one before), and the test fails instead
+    of hanging."""
+    def __init__(self, n, patience=60.0):
+        super().__init__(delay=0.0)
+        self.n, self.patience = n, patience
+
+    async def __call__(self, request):
+        self.requests.append(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            loop = asyncio.get_running_loop()
+            self.deadline = getattr(self, "deadline", None) or loop.time() + self.patience   # one for all
+            while self.max_in_flight < self.n and loop.time() < self.deadline:
+                await asyncio.sleep(0.01)
+            return f"ok:{request.get('prompt', request.get('query'))}"
+        finally:
+            self.in_flight -= 1
+
+
 def test_top_level_await_gather_runs_requests_concurrently():
-    recorder = Recorder(delay=0.3)
+    # The counter, not the clock, shows it: all eight were in flight at once (see Barrier).
+    recorder = Barrier(8)
     code = ("import asyncio\n"
             "results = await asyncio.gather(*[llm_query_async(f'q{i}') for i in range(8)])\n"
             "results")
-    started = time.perf_counter()
     obs, _ = run_cells([code], handler=recorder)
     assert obs == [repr([f"ok:q{i}" for i in range(8)])]
-    assert recorder.max_in_flight == 8          # all eight were in flight at once
-    assert time.perf_counter() - started < 8 * 0.3
+    assert recorder.max_in_flight == 8 and len(recorder.requests) == 8
 
 
 def test_large_pieces_travel_through_rlm_query():
@@ -182,10 +204,13 @@ def test_bad_sub_call_arguments_give_clear_errors():
 
 
 def test_waiting_on_sub_calls_does_not_count_toward_the_timeout():
+    # Three sequential sub-calls of 1 s each: 3 s of waiting (asyncio.sleep never returns early),
+    # past the 2 s limit, while the code's own work is a few ms, far below the limit even on a
+    # loaded machine. Counted as execution, the waits would stop the cell.
     code = "a = llm_query('1')\nb = llm_query('2')\nc = llm_query('3')\nprint(a, b, c)"
-    started = time.perf_counter()
-    obs, _ = run_cells([code], handler=Recorder(delay=0.5), timeout=0.6)
-    assert time.perf_counter() - started > 1.5          # waited far longer than the limit ...
+    recorder = Recorder(delay=1.0)
+    obs, _ = run_cells([code], handler=recorder, timeout=2.0)
+    assert len(recorder.requests) * recorder.delay > 2.0 and recorder.max_in_flight == 1   # waited past the limit ...
     assert obs == ["ok:1 ok:2 ok:3"]                     # ... and was not stopped
 
 
@@ -203,12 +228,11 @@ def test_long_output_keeps_head_and_tail_with_a_count():
 
 
 def test_tens_of_megabytes_of_output_are_bounded():
-    started = time.perf_counter()
+    # What is bounded is the size of what comes back (how fast is no fixed number on every machine)
     obs, _ = run_cells(["print('x' * 30_000_000)", "for i in range(200_000): print(i)", "1"],
                        max_output_chars=2000)
-    assert len(obs[0]) <= 2000
+    assert len(obs[0]) <= 2000 and len(obs[1]) <= 2000
     assert "characters omitted" in obs[0] and obs[1].endswith("199999") and obs[2] == "1"
-    assert time.perf_counter() - started < 10
 
 
 def test_non_utf8_bytes_and_lone_surrogates_become_escapes():
@@ -237,11 +261,12 @@ def test_traceback_shows_the_model_code_not_repl_internals():
 
 
 def test_infinite_loop_is_interrupted_and_variables_are_kept():
-    started = time.perf_counter()
+    # The loop never ends on its own, so an observation at all means the limit stopped it; the
+    # message says which mechanism did (SIGINT, not a kill: the variables are kept).
     obs, _ = run_cells(["x = 5\nwhile True:\n    pass", "x"], timeout=1.0)
     assert "KeyboardInterrupt" in obs[0] and "TimeoutError" in obs[0] and "kept" in obs[0]
+    assert "1 s" in obs[0] and "restarted" not in obs[0]
     assert obs[1] == "5"
-    assert time.perf_counter() - started < 4
 
 
 def test_infinite_async_loops_are_interrupted_and_cancelled():
@@ -251,11 +276,14 @@ def test_infinite_async_loops_are_interrupted_and_cancelled():
              "async def tick():\n    while True:\n        await asyncio.sleep(0)\nawait asyncio.gather(tick(), tick())"]
     cells = [cell for loop in loops for cell in (loop, "await asyncio.sleep(0.01)\nn > 0")]
     started = time.perf_counter()
-    obs, _ = run_cells(cells, timeout=0.5)
+    obs, _ = run_cells(cells, timeout=1.0)   # the check cells take ms: far inside 1 s even when loaded
     for stopped, after in zip(obs[::2], obs[1::2]):
         assert "TimeoutError" in stopped and "kept" in stopped
         assert after == "True"   # the namespace survived and the stopped loop did not resume
-    assert time.perf_counter() - started < 4 * 0.5 + 2
+    # The three endless loops end only by the limit (their messages above); the sleep(100) could end
+    # by itself, after 100 s: taking under half that shows it too was cut short, with 40 s to spare
+    # over the ~4 s the four limits and a restart take, however slow the machine.
+    assert time.perf_counter() - started < 50
 
 
 def test_code_that_swallows_the_interrupt_is_killed_and_restarted():

@@ -1,6 +1,7 @@
 """train.py on a tiny model: LoRA-only updates that follow the advantage, whole checkpoints, exact resume, refusals."""
 
 import asyncio
+import functools
 import io
 import json
 import os
@@ -19,6 +20,19 @@ TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--fam
             "--warm_demos", "1", "--warm_epochs", "1", "--warm_batch", "3", "--warm_lengths", "2000",
             "--max_turns", "1", "--max_new_tokens", "160", "--max_generated_tokens", "512", "--eval_n", "0",
             "--eval_every", "0", "--eval_lengths", "2000", "--checkpoint_every", "1", "--lr", "0.01"]
+# With a GPU visible, parse_config starts from GPU_SIZED: the flags above pin the rest to the CPU
+# defaults, so every machine runs the same configuration.
+TINY_RUN += [x for k in train.GPU_SIZED if f"--{k}" not in TINY_RUN for x in (f"--{k}", str(train.DEFAULTS[k]))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_float32():
+    """train.main loads its policy on the default device: with a GPU visible, CUDA in bf16, where
+    neither the exact resume comparisons nor the sampled ids these tests rely on are the same
+    computation. These tests mean the CPU float32 run, so train.py gets exactly that."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "load_policy", functools.partial(train.load_policy, device="cpu", dtype="float32"))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +303,9 @@ def test_several_epochs_and_a_kl_term_are_measured():
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     first = train.update(policy, optimizer, rollouts, [1.0, 0.0], config(epochs=3, beta=0.1))
     assert first["kl"] is not None and first["kl"] > 0  # the adapter moved away from the base in epochs 2-3
-    assert first["clip_fraction"] >= 0.0
+    # Epoch 1 has ratio 1 and clips nothing, so at most the later two thirds of the tokens seen clip
+    # (test_later_epochs_clip_and_the_first_cannot shows it epoch by epoch)
+    assert 0 < first["clip_fraction"] <= 2 / 3
     no_ref = train.update(policy, optimizer, rollouts, [1.0, 0.0], config())
     assert no_ref["kl"] is None  # beta = 0: no reference pass, so nothing is claimed
 
@@ -313,3 +329,27 @@ def test_the_curriculum_decides_on_a_split_the_final_evaluation_never_uses(tmp_p
         train.run_eval(None, None, cfg, 0, [8000], label)
     assert set(asked) == {"validation", "eval"}
     assert len(asked["validation"]) == len(asked["eval"]) == 16 and not asked["validation"] & asked["eval"]
+
+
+def test_later_epochs_clip_and_the_first_cannot(monkeypatch):
+    # Disjoint fixed replies (no sampling), one winner and one loser. The first epoch scores with the
+    # weights the old log-probs came from: ratio 1 up to float noise, far inside [1 - 0.2, 1 + 0.28],
+    # so nothing clips. Adam's first step moves every LoRA B entry by lr (its size does not depend on
+    # the gradient's), and at lr 1e-2 the tiny model's log-probs of these tokens move by tens of nats
+    # (ratios beyond 1e3 or below 1e-3, one CPU: every token clips), far past either clip edge on
+    # any machine.
+    per_call = []
+    real = train.loss_stats
+    monkeypatch.setattr(train, "loss_stats", lambda *a, **k: per_call.append(real(*a, **k)) or per_call[-1])
+    policy = make_tiny_policy(seed=6)
+    rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    stats = train.update(policy, optimizer, rollouts, [1.0, -1.0], config(epochs=2))
+    assert len(per_call) == 2  # one micro-batch, two epochs
+    first, second = per_call
+    # (float noise moves a ratio by a few 1e-4 at most; clipping needs 0.2)
+    assert first["clip_fraction"] == 0.0 and first["ratio"] == pytest.approx(1.0, abs=1e-2)
+    assert second["clip_fraction"] > 0
+    # what update reports is over both epochs, weighted by tokens (the same tokens each epoch)
+    assert first["n_tokens"] == second["n_tokens"]
+    assert stats["clip_fraction"] == pytest.approx((first["clip_fraction"] + second["clip_fraction"]) / 2)

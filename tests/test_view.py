@@ -8,7 +8,9 @@ import random
 import re
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,8 @@ import eval as evaluation
 import view
 from rlm import RLM, Batcher, Call, Cost, Rollout, longest_chain, read_jsonl, write_jsonl
 from scripted import EOS, ScriptedPolicy, ScriptedSample, parse, repl_block
+
+ROOT = Path(__file__).resolve().parents[1]   # the scripts run from here, whatever the working directory
 
 HOSTILE = "</script><script>alert(1)</script><img src=x onerror=alert(2)>"
 LONG_LINE = "L" * 30_000
@@ -42,11 +46,42 @@ def script(text):
     return ROOT_TURNS[p["turn"]] if p["query"] == "root" else REPLIES[p["query"]]
 
 
+# Gathered pairs. Whether two gathered calls overlap in time depends on whether the second is asked
+# before the first is served, that is on thread timing, unless the policy makes it so (below).
+TWINS = {"child one": "child two", "child two": "child one", "leaf a": "leaf b", "leaf b": "leaf a"}
+
+
+class AskingBatcher(Batcher):
+    """A Batcher that notes the query of every request, as it arrives (before any batching)."""
+
+    def __init__(self, policy, **kwargs):
+        super().__init__(policy, **kwargs)
+        self.asked = set()
+        policy.batcher = self
+
+    async def sample(self, prompt_ids, max_new_tokens, seed=None):
+        self.asked.add(parse(self.policy.decode(prompt_ids))["query"])
+        return await super().sample(prompt_ids, max_new_tokens, seed)
+
+
 class RawBytesPolicy(ScriptedPolicy):
-    """Replies may hold bytes that are not UTF-8, as a real tokenizer's pieces can: '\\udcff' is byte 0xff."""
+    """Replies may hold bytes that are not UTF-8, as a real tokenizer's pieces can: '\\udcff' is byte 0xff.
+
+    A call of a gathered pair is served only once its twin has been asked (the model runs in a worker
+    thread, so the twin's request still arrives meanwhile), and then 20 ms later: each of the two
+    started before the other ended, on the logical clock and by at least 20 ms of wall time (time.sleep
+    never returns early), on any machine. A waiting limit of 60 s makes a broken run fail, not hang."""
+
+    batcher = None
 
     def sample(self, prompts, max_new_tokens=256, **_):
         self.batch_sizes.append(len(prompts))
+        twins = {TWINS[q] for q in (parse(self.decode(p))["query"] for p in prompts) if q in TWINS}
+        if twins and self.batcher is not None:
+            deadline = time.monotonic() + 60
+            while not twins <= self.batcher.asked and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.02)
         samples = []
         for p in prompts:
             ids = ([b + 1 for b in self.script(self.decode(p)).encode("utf-8", "surrogateescape")] + [EOS])[:max_new_tokens]
@@ -56,7 +91,7 @@ class RawBytesPolicy(ScriptedPolicy):
 
 @pytest.fixture(scope="module")
 def rollout():
-    rlm = RLM(Batcher(RawBytesPolicy(script), gather_window=0.005), max_depth=2, max_turns=6,
+    rlm = RLM(AskingBatcher(RawBytesPolicy(script), gather_window=0.005), max_depth=2, max_turns=6,
               max_new_tokens=100_000, max_generated_tokens=1_000_000, max_call_tokens=1_000_000)
     return asyncio.run(rlm.run("root", "abcdefghij" * 10))
 
@@ -136,11 +171,17 @@ def test_every_call_turn_and_sub_call_is_on_the_page(rollout):
 
 def test_concurrent_calls_overlap_in_the_timeline_and_sequential_ones_do_not(rollout):
     by_query = {c.query: c.id for c in rollout.calls}
+    # What the code did, whatever the timing: the gathered pairs did not wait for each other, and both
+    # children waited for `a = llm_query('first')`.
+    records = {s["call"]: s for c in rollout.calls for t in c.turns for s in t["sub_calls"]}
+    assert records[by_query["child one"]]["after"] == records[by_query["child two"]]["after"] == [by_query["first"]]
+    assert records[by_query["leaf a"]]["after"] == records[by_query["leaf b"]]["after"] == []
     for clock in ("logical", "wall"):
         bars = Page(view.render_page([rollout])).bars(clock)
         first, one, two = bars[by_query["first"]], bars[by_query["child one"]], bars[by_query["child two"]]
         leaf_a, leaf_b = bars[by_query["leaf a"]], bars[by_query["leaf b"]]
-        assert overlap(one, two) and overlap(leaf_a, leaf_b)  # gathered: they ran at the same time
+        # gathered, and (RawBytesPolicy sees to it) each asked before the other was served: drawn overlapping
+        assert overlap(one, two) and overlap(leaf_a, leaf_b)
         if clock == "logical":  # wall time on a busy machine may round two events to the same instant
             assert not overlap(first, one) and not overlap(first, two)  # `a = llm_query(...)` ended before
             assert two[0] <= leaf_a[0] and leaf_a[1] <= two[1]  # a child's calls lie within its bar
@@ -242,8 +283,8 @@ def test_index_of_eval_records_and_the_command_line(rollout, tmp_path):
     samples = tmp_path / "samples.jsonl"
     write_jsonl([rollout], samples)
     out = tmp_path / "page.html"
-    result = subprocess.run([sys.executable, "view.py", str(path), str(samples), "-o", str(out)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, str(ROOT / "view.py"), str(path), str(samples), "-o", str(out)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     page = Page(out.read_text())
     text = page.text()
@@ -263,9 +304,9 @@ def test_rlm_script_writes_a_page_with_html(tmp_path, tiny_policy):
     (tmp_path / "notes.txt").write_text("The key is 42. " * 200)
     out = tmp_path / "trace.html"
     result = subprocess.run(
-        [sys.executable, "rlm.py", "--model", str(model_dir), "--query", "What is the key?", "--context",
+        [sys.executable, str(ROOT / "rlm.py"), "--model", str(model_dir), "--query", "What is the key?", "--context",
          str(tmp_path / "notes.txt"), "--max-turns", "1", "--max-new-tokens", "16", "--html", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     page = Page(out.read_text())
     assert "r0c0" in page.ids() and "What is the key?" in page.text()
