@@ -712,10 +712,11 @@ def _infer_scoring(answer):
 def load_jsonl(path):
     """Tasks from a JSONL file, one {"context", "question" or "query", "answer"} object per
     line (optional "scoring", "family", "seed"). Scoring, when absent: a list is scored by
-    F1, a JSON number by 0.75**|error|, anything else by exact match."""
+    F1, a JSON number by 0.75**|error|, anything else by exact match. The context is what the
+    REPL can hold: a str, or a list or dict of str. A leading byte-order mark is allowed."""
     path = Path(path)
     tasks = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -732,6 +733,17 @@ def load_jsonl(path):
                                       ("answer", rec.get("answer"))) if v is None]
             if missing:
                 raise ValueError(f"{where}: missing {', '.join(missing)} (keys present: {sorted(rec)})")
+            context = rec["context"]
+            if not (isinstance(context, str) or isinstance(context, list) and all(isinstance(v, str) for v in context)
+                    or isinstance(context, dict) and all(isinstance(v, str) for v in context.values())):
+                raise ValueError(f"{where}: context must be a string, or a list or object of strings, "
+                                 f"got {type(context).__name__}")
+            family = rec.get("family", path.stem)
+            if not isinstance(family, (str, int, float)) or isinstance(family, bool):
+                raise ValueError(f"{where}: family must be a string, got {type(family).__name__}")
+            seed = rec.get("seed", lineno)
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
             answer = rec["answer"]
             if not isinstance(answer, (str, int, float, list)):
                 raise ValueError(f"{where}: answer must be a string, number or list, "
@@ -743,8 +755,7 @@ def load_jsonl(path):
                 raise ValueError(f"{where}: scoring is 'number' but answer {answer!r} states no single number")
             if scoring == "number" and isinstance(answer, str):
                 answer = parse_number(answer)
-            tasks.append(Task(rec.get("family", path.stem), str(query), rec["context"], answer,
-                              scoring, rec.get("seed", lineno)))
+            tasks.append(Task(str(family), str(query), context, answer, scoring, seed))
     return tasks
 
 
