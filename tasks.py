@@ -768,15 +768,17 @@ def save_jsonl(tasks, path):
 
 if __name__ == "__main__":
     import argparse
+    import sys
     import time
 
     parser = argparse.ArgumentParser(description="Generate one task and print its summary.")
     parser.add_argument("--family", choices=FAMILIES, default="niah")
-    parser.add_argument("--length", type=int, default=100_000)
+    parser.add_argument("--length", type=int, default=100_000,
+                        help="characters, at least the family's minimum (about 500 to 1,400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=[],
                         help="name=value, e.g. needles=4 (repeatable)")
-    parser.add_argument("--show", type=int, default=300, help="characters of context to print")
+    parser.add_argument("--show", type=int, default=300, help="characters of context to print, at least 0")
     args = parser.parse_args()
     variant = {}
     for item in args.variant:
@@ -785,8 +787,13 @@ if __name__ == "__main__":
             variant[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             variant[name] = value
+    if args.show < 0:
+        sys.exit(f"tasks.py: --show must be at least 0 (got {args.show})")
     t0 = time.perf_counter()
-    task = make_task(args.family, args.length, args.seed, **variant)
+    try:
+        task = make_task(args.family, args.length, args.seed, **variant)
+    except (ValueError, TypeError) as e:  # a length too small, an unknown or bad --variant
+        sys.exit(f"tasks.py: {e}")
     seconds = time.perf_counter() - t0
     print(f"query:   {task.query}")
     print(f"answer:  {task.answer!r}  (scoring: {task.scoring})")
