@@ -223,7 +223,7 @@ def parse_args(argv=None):
                         help="several, as NAME=FOLDER,NAME=FOLDER (names distinct): one row each, evaluated "
                              "with --methods; not with --adapter")
     parser.add_argument("--baselines", type=int, default=0,
-                        help="N >= 0: also evaluate the untrained model (base RLM, direct) and the teacher on the "
+                        help="at least 0: also evaluate the untrained model (base RLM, direct) and the teacher on the "
                              "first N tasks; needs --adapter or --adapters (0: none)")
     parser.add_argument("--tasks", default="niah,multihop", help=f"comma-separated, from {','.join(FAMILIES)}")
     parser.add_argument("--lengths", default="4000,16000",

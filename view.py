@@ -349,7 +349,7 @@ def main():
     parser.add_argument("paths", nargs="+", help="traces files: .jsonl of rollouts or records, or eval.py's .json")
     parser.add_argument("-o", "--out", default=None,
                         help="the page to write, not one of the inputs (default: the first path, .html)")
-    parser.add_argument("--last", type=int, default=0, help="only the last N items, N >= 0 (0: all)")
+    parser.add_argument("--last", type=int, default=0, help="only the last N items, N at least 0 (0: all)")
     args = parser.parse_args()
     out = args.out or os.path.splitext(args.paths[0])[0] + ".html"
     try:
