@@ -87,14 +87,14 @@ def read_text(path, what, strict=False):
     if b"\0" in data:
         raise InputError(f"{what} {path} looks binary (it holds NUL bytes); give a UTF-8 text file")
     try:
-        return data.decode("utf-8-sig"), 0
+        text, replaced = data.decode("utf-8-sig"), 0
     except UnicodeDecodeError as e:
         if strict:
             line = data[:e.start].count(b"\n") + 1
             raise InputError(f"{what} {path}, line {line}: byte {data[e.start]:#04x} is not UTF-8; "
                              "save the file as UTF-8") from None
-    text, replaced = _BAD_BYTE.subn("\ufffd", data.decode("utf-8-sig", errors="surrogateescape"))
-    return text, replaced
+        text, replaced = _BAD_BYTE.subn("\ufffd", data.decode("utf-8-sig", errors="surrogateescape"))
+    return text.replace("\r\n", "\n").replace("\r", "\n"), replaced  # newlines as open() in text mode reads them
 
 
 def json_lines(path, what):

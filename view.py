@@ -336,12 +336,22 @@ def load(path):
         lines = list(enumerate(items, 1))
     else:
         lines = json_lines(path, "traces file")
+    items = []
     for lineno, d in lines:
+        where = f"record {lineno}" if path.endswith(".json") else f"line {lineno}"
         if not isinstance(d, dict):
-            where = f"record {lineno}" if path.endswith(".json") else f"line {lineno}"
             raise InputError(f"{path}, {where}: expected a JSON object (a rollout or a record), "
                              f"got {type(d).__name__}")
-    return [d for _, d in lines if "calls" in d or "answer" in d or "trace" in d]  # not train.py's summary lines
+        if "calls" in d or "answer" in d or "trace" in d:  # not train.py's summary lines
+            try:
+                rollout = as_item(d)[1]
+                if rollout is not None and not rollout.calls:
+                    raise KeyError("no calls")
+            except (KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{path}, {where}: not a rollout or record as rlm.py, train.py and eval.py write "
+                                 f"them ({type(e).__name__}: {e}); give one of their traces files") from None
+            items.append(d)
+    return items
 
 
 def main():

@@ -4,7 +4,7 @@ hangs, and never loses or overwrites work (issue 20). Each test is one finding o
 Most of them make loading a model raise ModelLoaded: a refusal must come before it, not after.
 """
 
-import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -74,6 +74,9 @@ def fake_adapter(folder):
 
 
 RECORD = {"context": "The code is 7.", "question": "What is the code?", "answer": "7"}
+ROOT_CALL = rlm.Call(0, None, "root", 0, "What is the code?", answer="7", started=1.0, ended=2.0,
+                     turns=[{"reply": "FINAL(7)", "code": [], "observation": None, "sub_calls": []}])
+ROLLOUT = dataclasses.asdict(rlm.Rollout("What is the code?", "7", [ROOT_CALL], rlm.Cost(), 100))  # a traces line
 
 
 # --- 1. the hang ------------------------------------------------------------------------
@@ -116,8 +119,8 @@ def test_eval_refuses_a_jsonl_context_that_is_not_text_before_loading(tmp_path, 
 
 
 def test_view_never_writes_its_page_over_an_input(tmp_path, monkeypatch):
-    trace = write_jsonl(tmp_path / "t.jsonl", [{"answer": "7", "calls": []}])
-    named_html = write_jsonl(tmp_path / "t.html", [{"answer": "7", "calls": []}])
+    trace = write_jsonl(tmp_path / "t.jsonl", [ROLLOUT])
+    named_html = write_jsonl(tmp_path / "t.html", [ROLLOUT])
     before = trace.read_bytes()
     assert "input" in refusal(monkeypatch, "view.py", trace, "-o", trace)
     assert "-o" in refusal(monkeypatch, "view.py", named_html)
@@ -156,10 +159,9 @@ def test_resume_refuses_a_damaged_or_foreign_state_and_leaves_it(state, tmp_path
 
 
 def test_resume_refuses_a_checkpoint_whose_adapter_is_damaged(tmp_path, monkeypatch, forbid_models):
-    from checkpoint import STATE_KEYS
-
     (tmp_path / "checkpoint").mkdir()
-    torch.save({k: {} for k in STATE_KEYS}, tmp_path / "checkpoint" / "state.pt")
+    state = {k: {} for k in ("step", "evaluated", "stage", "phase", "config", "logs", "optimizer", "rng")}
+    torch.save(state, tmp_path / "checkpoint" / "state.pt")
     weights = fake_adapter(tmp_path / "checkpoint" / "adapter") / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     assert "adapter" in refusal(monkeypatch, "train.py", "--resume", "--out_dir", tmp_path)
@@ -192,7 +194,7 @@ def test_rlm_refuses_negative_turns(tmp_path, monkeypatch, forbid_models):
 
 
 def test_view_refuses_a_negative_last(tmp_path, monkeypatch):
-    trace = write_jsonl(tmp_path / "t.jsonl", [{"answer": "7", "calls": []}])
+    trace = write_jsonl(tmp_path / "t.jsonl", [ROLLOUT])
     assert "--last must be at least 0" in refusal(monkeypatch, "view.py", trace, "--last", "-1")
     assert not (tmp_path / "t.html").exists()
 
@@ -365,11 +367,18 @@ def test_malformed_jsonl_names_the_files_line(script, tmp_path, monkeypatch, for
     assert "line 3" in message and "JSON" in message
 
 
+@pytest.mark.parametrize("line", ['{"calls": 5}', '{"calls": []}', '{"calls": [{"id": 0}]}', '{"trace": {"calls": "x"}}', "[1, 2]"])
+def test_view_refuses_lines_that_are_no_rollouts(line, tmp_path, monkeypatch):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(ROLLOUT) + "\n" + line + "\n")
+    assert "line 2" in refusal(monkeypatch, "view.py", path, "-o", tmp_path / "p.html")
+
+
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "bom.jsonl", [RECORD], prefix=b"\xef\xbb\xbf")
     assert [t.answer for t in tasks.load_jsonl(path)] == ["7"]
-    trace = write_jsonl(tmp_path / "t.jsonl", [{"answer": "7", "query": "q", "calls": []}], prefix=b"\xef\xbb\xbf")
-    assert view.load(str(trace)) == [{"answer": "7", "query": "q", "calls": []}]
+    trace = write_jsonl(tmp_path / "t.jsonl", [ROLLOUT], prefix=b"\xef\xbb\xbf")
+    assert view.load(str(trace)) == [ROLLOUT]
 
 
 def test_unknown_methods_are_found_before_the_model_loads(tmp_path, monkeypatch, forbid_models):
@@ -416,3 +425,10 @@ def test_bad_bytes_in_a_context_are_counted_and_reported(tmp_path, monkeypatch, 
     with pytest.raises(ModelLoaded):
         rlm.main()
     assert "3 bytes" in capsys.readouterr().err
+
+
+def test_a_valid_context_file_reads_as_before(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes("line one\r\nline two\rcafé\n".encode())
+    with open(path, encoding="utf-8", errors="replace") as f:  # how rlm.py read it before the checks
+        assert checks.read_text(str(path), "--context") == (f.read(), 0)
