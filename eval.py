@@ -272,13 +272,13 @@ def plan(args):
         runs = []
         for item in args.adapters.split(","):
             name, eq, folder = (part.strip() for part in item.partition("="))
-            if not eq or not name or not folder:
+            if not eq or not name:  # (NAME= with no folder is the untrained model, by that name)
                 raise InputError(f"--adapters entry {item!r} is not NAME=FOLDER; write e.g. "
                                  '--adapters "warm=out/warm/adapter,rl=out/rl/adapter"')
             if name in [r[0] for r in runs] or args.baselines and name == "base":
                 raise InputError(f"--adapters names {name!r} twice (\"base\" is the baselines' row); "
                                  "give each adapter its own name")
-            runs.append((name, folder))
+            runs.append((name, folder or None))
     else:
         runs = [("base" if args.adapter is None else args.adapter, args.adapter)]
     for _, folder in runs:  # all of them now: a bad second one must not cost the first one's evaluation

@@ -120,11 +120,11 @@ GPU_SIZED = dict(steps=150, tasks_per_step=8, group_size=8, lengths="8000,32000,
                  eval_every=10, eval_n=16, eval_lengths="8000,512000")
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
+# What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
+RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint")
 # What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
 # update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
 # loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
-# What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
-RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint")
 CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths",
                         "micro_batch_tokens", "gradient_checkpointing"}
 
