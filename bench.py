@@ -70,11 +70,16 @@ import torch  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
 import lora  # noqa: E402
+from checks import InputError, at_least, int_list, refuse, writable  # noqa: E402
 import tasks  # noqa: E402
 from repl import REPL  # noqa: E402
 from rlm import RLM, Batcher  # noqa: E402
 
 BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "merge", "train")
+NEEDS_MODEL = {"fanout", "batcher", "memory", "merge", "train"}
+VALID = dict(repeats="at least 1", fanout_k="comma-separated, each at least 1", new_tokens="at least 1",
+             chunk_chars="at least 1", batch="at least 1", score_batch="at least 1", score_len="at least 1",
+             context_chars="at least 1", task_chars="at least 2000")  # as parse_args checks them
 DEFAULTS = dict(repeats=3, fanout_k="1,4,8,16", new_tokens=32, chunk_chars=400, batch=8, score_batch=8,
                 score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="")
 # On CPU, 8 x 2048 scored tokens would need ~29 GB with grad, and a full training step takes ~7 minutes.
@@ -604,12 +609,13 @@ def run(args):
     unknown = set(only) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"bench.py: unknown benchmarks {sorted(unknown)}; choose from {','.join(BENCHMARKS)}")
-    rows = []
+    rows, policy = [], None
     with tempfile.TemporaryDirectory() as folder:
-        t0 = time.perf_counter()
-        policy = load(args.model, args.tiny, save_to=folder if "memory" in only else None)
-        print(f"loaded {'a tiny random model' if args.tiny else args.model or lora.DEFAULT_MODEL} in "
-              f"{time.perf_counter() - t0:.0f} s on {device_name(policy.device)}", flush=True)
+        if NEEDS_MODEL & set(only):  # repl and tasks run no model: loading one would only cost time
+            t0 = time.perf_counter()
+            policy = load(args.model, args.tiny, save_to=folder if "memory" in only else None)
+            print(f"loaded {'a tiny random model' if args.tiny else args.model or lora.DEFAULT_MODEL} in "
+                  f"{time.perf_counter() - t0:.0f} s on {device_name(policy.device)}", flush=True)
         steps = {
             "fanout": lambda: bench_fanout(policy, [int(k) for k in args.fanout_k.split(",")], args.new_tokens,
                                            args.chunk_chars, args.repeats),
@@ -626,7 +632,7 @@ def run(args):
                 t0 = time.perf_counter()
                 rows += steps[name]()
                 print(f"{name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return rows, policy.device
+    return rows, policy.device if policy else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args(argv=None):
@@ -638,12 +644,31 @@ def parse_args(argv=None):
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     for name, value in DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None,
-                            help=f"default: {value!r}" + (f" ({CPU_SIZES[name]} on CPU)" if name in CPU_SIZES else ""))
+                            help=f"{VALID.get(name, 'train.py flags')}; default: {value!r}"
+                                 + (f" ({CPU_SIZES[name]} on CPU)" if name in CPU_SIZES else ""))
     args = parser.parse_args(argv)
     sizes = dict(DEFAULTS, **(TINY if args.tiny else {} if torch.cuda.is_available() else CPU_SIZES))
     for name, value in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.memory_child:
+        return args
+    only = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    _, fanout_problem = int_list("--fanout-k", args.fanout_k, low=1)
+    refuse("bench.py", [
+        unknown and f"unknown benchmarks {unknown} in --only; choose from {','.join(BENCHMARKS)}",
+        *(at_least(f"--{name.replace('_', '-')}", getattr(args, name), 1)
+          for name in ("repeats", "new_tokens", "chunk_chars", "batch", "score_batch", "score_len", "context_chars")),
+        at_least("--task-chars", args.task_chars, 2000), fanout_problem])
+    if "train" in only:  # train.py's own checks, now rather than after the model loads
+        import train
+
+        train.check_config(train.parse_config(args.train_argv.split()))
+    try:
+        writable(args.out, "--out")
+    except InputError as e:
+        sys.exit(f"bench.py: {e}")
     return args
 
 

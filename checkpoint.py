@@ -72,12 +72,24 @@ def save_checkpoint(out_dir, policy, optimizer, state):
     write_whole(os.path.join(out_dir, "checkpoint"), write)
 
 
+STATE_KEYS = ("step", "evaluated", "stage", "phase", "config", "logs", "optimizer", "rng")  # save_checkpoint's
+
+
 def load_checkpoint(out_dir):
-    """-> (folder, state) of the checkpoint in out_dir, or (None, None) when there is none."""
+    """-> (folder, state) of the checkpoint in out_dir, or (None, None) when there is none.
+    Raises ValueError for a state.pt that is damaged or not one save_checkpoint wrote."""
     folder = whole_folder(os.path.join(out_dir, "checkpoint"))
-    if not os.path.exists(os.path.join(folder, "state.pt")):
+    path = os.path.join(folder, "state.pt")
+    if not os.path.exists(path):
         return None, None
-    return folder, torch.load(os.path.join(folder, "state.pt"), weights_only=False)
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # a cut or damaged file fails in zip, pickle or torch, each with its own type
+        raise ValueError(f"{path} is damaged or cut short ({type(e).__name__})") from None
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint that train.py wrote (it lacks {', '.join(missing)})")
+    return folder, state
 
 
 def truncate_logs(out_dir, sizes):

@@ -26,12 +26,14 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import time
 from dataclasses import dataclass
 
+from checks import InputError, adapter_folder, at_least, int_list, read_text, refuse, writable
 from reward import RewardConfig, compute_reward
 from rlm import RLM, Batcher, Cost, dependencies, strip_eos
 from tasks import FAMILIES, cheap_answers, load_jsonl, make_suite, score
@@ -97,14 +99,27 @@ async def evaluate_one(batcher, task, method, length, rlm_settings, reward_confi
                                                                                 seed=task.seed)
         answer, cost, extra = rollout.answer, rollout.cost, {}
     extra.update(strategy_profile(rollout))
-    correctness = score(task, answer)
-    reward = compute_reward(correctness, cost, reward_config)
+    return run_record(task, method, length, answer, cost, extra, reward_config,
+                      **({"trace": rollout} if keep_trace else {}))
+
+
+def run_record(task, method, length, answer, cost, extra, reward_config, **more):
+    """One run's line of the results: what it answered, its score and reward, what it cost."""
+    reward = compute_reward(score(task, answer), cost, reward_config)
     return {"method": method, "family": task.family, "length": length, "seed": task.seed,
             "answer": answer, "truth": task.answer, **reward,
             "prompt_tokens": cost.prompt_tokens, "generated_tokens": cost.generated_tokens,
             "llm_query": cost.sub_calls["llm_query"], "rlm_query": cost.sub_calls["rlm_query"],
             "depth": cost.depth, "critical_path": cost.critical_path_tokens,
-            "wall_seconds": cost.wall_seconds, **extra, **({"trace": rollout} if keep_trace else {})}
+            "wall_seconds": cost.wall_seconds, **extra, **more}
+
+
+def failed_record(task, method, length, error, reward_config, keep_trace=False):
+    """The record of a run that raised: no answer, score 0, and the error, so that one bad task
+    costs its own row and nothing else (and cancelling its neighbours cannot hang the batch)."""
+    extra = {**strategy_profile(None), "turns": 0, "context_cut": False}
+    return run_record(task, method, length, None, Cost(), extra, reward_config,
+                      error=f"{type(error).__name__}: {error}", **({"trace": None} if keep_trace else {}))
 
 
 async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_config=None,
@@ -126,7 +141,10 @@ async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_
 
     async def job(task, method, length):
         async with limit:
-            record = await evaluate_one(batcher, task, method, length, rlm_settings, reward_config, keep_traces)
+            try:
+                record = await evaluate_one(batcher, task, method, length, rlm_settings, reward_config, keep_traces)
+            except Exception as e:  # fails this run alone; main() reports it
+                record = failed_record(task, method, length, e, reward_config, keep_traces)
         bar.update(1)
         return record
 
@@ -168,7 +186,8 @@ def summarize(records):
         policies.setdefault(r.get("policy", ""), len(policies))
         groups.setdefault((r.get("policy", ""), r["method"], r["family"], r["length"]), []).append(r)
     rows = []
-    order = lambda kv: (policies[kv[0][0]], methods.index(kv[0][1]), kv[0][2], kv[0][3])  # noqa: E731
+    # str(family): a JSONL file may name families with numbers and words, which do not sort together
+    order = lambda kv: (policies[kv[0][0]], methods.index(kv[0][1]), str(kv[0][2]), kv[0][3])  # noqa: E731
     for (label, method, family, length), rs in sorted(groups.items(), key=order):
         row = {"policy": label, "method": method, "family": family, "length": length, "n": len(rs)}
         row.update({k: sum(r[k] for r in rs) / len(rs) for k in keys})
@@ -180,6 +199,8 @@ def summarize(records):
         row["concurrent_ci"] = wilson(concurrent, sub_calls)
         if method == "direct":
             row["context_cut"] = sum(r["context_cut"] for r in rs) / len(rs)
+        if any("error" in r for r in rs):
+            row["failed"] = sum("error" in r for r in rs)  # runs that raised, scored 0
         rows.append(row)
     return rows
 
@@ -210,6 +231,7 @@ def format_table(rows):
     lines = [header, "-" * len(header)]
     for r in rows:
         note = f"  (context cut in {r['context_cut']:.0%})" if r.get("context_cut") else ""
+        note += f"  ({r['failed']} failed, scored 0: see \"error\" in the records)" if r.get("failed") else ""
         lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {r['length']:>8,} {r['n']:>3} "
                      f"{r['correctness']:>5.2f} {_interval(r.get('accuracy_ci')):>11} {r['reward']:>7.4f} {r['prompt_tokens']:>7.0f} "
                      f"{r['generated_tokens']:>5.0f} {r['critical_path']:>5.0f} {r['turns']:>5.1f} "
@@ -272,49 +294,131 @@ def held_out_suite(families, lengths, n, split="eval", start=0):
     return {length: make_suite(families, [length], n, split=split, start=start) for length in lengths}
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder")
     parser.add_argument("--adapters", default=None,
-                        help="several, as NAME=FOLDER,NAME=FOLDER: one row each, evaluated with --methods")
+                        help="several, as NAME=FOLDER,NAME=FOLDER (names distinct): one row each, evaluated "
+                             "with --methods; not with --adapter")
     parser.add_argument("--baselines", type=int, default=0,
-                        help="also evaluate the untrained model (base RLM, direct) and the teacher on the first N tasks")
+                        help="at least 0: also evaluate the untrained model (base RLM, direct) and the teacher on the "
+                             "first N tasks; needs --adapter or --adapters (0: none)")
     parser.add_argument("--tasks", default="niah,multihop", help=f"comma-separated, from {','.join(FAMILIES)}")
-    parser.add_argument("--lengths", default="4000,16000", help="context lengths in characters, comma-separated")
-    parser.add_argument("--n", type=int, default=1, help="tasks per family and length")
+    parser.add_argument("--lengths", default="4000,16000",
+                        help="context lengths in characters, comma-separated (each family has a minimum, "
+                             "about 500 to 1,400)")
+    parser.add_argument("--n", type=int, default=1, help="tasks per family and length, at least 1")
     parser.add_argument("--split", default="eval", choices=["eval", "validation"],
                         help="which held-out seed space the tasks come from (training never draws from either)")
-    parser.add_argument("--start", type=int, default=0, help="index of the first task in the split (>= 0)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
-    parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead")
-    parser.add_argument("--max-turns", type=int, default=DEFAULT_RLM["max_turns"])
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_RLM["max_new_tokens"])
-    parser.add_argument("--max-generated-tokens", type=int, default=DEFAULT_RLM["max_generated_tokens"])
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--out", default="out/eval.json")
+    parser.add_argument("--start", type=int, default=0, help="index of the first task in the split, at least 0")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from {','.join(list(METHODS) + [TEACHER])}")
+    parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead "
+                        '(one {"context", "question", "answer"} object a line, UTF-8)')
+    parser.add_argument("--max-turns", type=int, default=DEFAULT_RLM["max_turns"],
+                        help="turns before the last one, at least 0")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_RLM["max_new_tokens"],
+                        help="tokens a reply, at least 1")
+    parser.add_argument("--max-generated-tokens", type=int, default=DEFAULT_RLM["max_generated_tokens"],
+                        help="tokens a rollout, at least 1")
+    parser.add_argument("--temperature", type=float, default=0.0, help="at least 0; 0 is greedy")
+    parser.add_argument("--out", default="out/eval.json", help="the results, as JSON (not an input file)")
     parser.add_argument("--traces", default=None,
                         help="also write each record with its rollout here, as JSONL; `python view.py` makes a page of it")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
-    from lora import load_policy
 
-    methods = args.methods.split(",")
-    if args.jsonl:
-        tasks_by_length = {}
-        for task in load_jsonl(args.jsonl):
-            tasks_by_length.setdefault(len(str(task.context)), []).append(task)
+def plan(args):
+    """Everything checked before a model loads -> (tasks by length, runs: [(name, adapter, methods, tasks)]).
+    Raises InputError on the first problem with the files; exits on bad numbers."""
+    methods = list(dict.fromkeys(args.methods.split(",")))
+    unknown = [m for m in methods if m not in METHODS and m != TEACHER]
+    families = args.tasks.split(",")
+    lengths, lengths_problem = int_list("--lengths", args.lengths, low=1)
+    refuse("eval.py", [
+        at_least("--n", args.n, 1), at_least("--baselines", args.baselines, 0),
+        at_least("--temperature", args.temperature, 0), at_least("--max-turns", args.max_turns, 0),
+        at_least("--max-new-tokens", args.max_new_tokens, 1),
+        at_least("--max-generated-tokens", args.max_generated_tokens, 1),
+        unknown and f"unknown --methods {','.join(unknown)}; choose from {','.join(list(METHODS) + [TEACHER])}",
+        not args.jsonl and any(f not in FAMILIES for f in families)
+        and f"unknown --tasks {args.tasks!r}; choose from {','.join(FAMILIES)}",
+        not args.jsonl and lengths_problem,
+        args.adapter and args.adapters and "give --adapter or --adapters, not both",
+        args.baselines and not (args.adapter or args.adapters)
+        and "--baselines compares adapters with the untrained model, which this run evaluates already; "
+            "give --adapter or --adapters, or leave --baselines out"])
+    if args.adapters:
+        runs = []
+        for item in args.adapters.split(","):
+            name, eq, folder = (part.strip() for part in item.partition("="))
+            if not eq or not name:  # (NAME= with no folder is the untrained model, by that name)
+                raise InputError(f"--adapters entry {item!r} is not NAME=FOLDER; write e.g. "
+                                 '--adapters "warm=out/warm/adapter,rl=out/rl/adapter"')
+            if name in [r[0] for r in runs] or args.baselines and name == "base":
+                raise InputError(f"--adapters names {name!r} twice (\"base\" is the baselines' row); "
+                                 "give each adapter its own name")
+            runs.append((name, folder or None))
     else:
-        tasks_by_length = held_out_suite(args.tasks.split(","), [int(x) for x in args.lengths.split(",")],
-                                         args.n, split=args.split, start=args.start)
-    settings = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                    max_generated_tokens=args.max_generated_tokens)
-    runs = [(name, folder or None, methods, tasks_by_length) for name, _, folder in
-            (item.partition("=") for item in args.adapters.split(","))] if args.adapters else \
-        [("base" if args.adapter is None else args.adapter, args.adapter, methods, tasks_by_length)]
+        runs = [("base" if args.adapter is None else args.adapter, args.adapter)]
+    for _, folder in runs:  # all of them now: a bad second one must not cost the first one's evaluation
+        if folder:
+            adapter_folder(folder, "--adapters" if args.adapters else "--adapter")
+    if args.jsonl:
+        read_text(args.jsonl, "--jsonl", strict=True)  # a missing, binary or non-UTF-8 file, said plainly
+        try:
+            loaded = load_jsonl(args.jsonl)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if not loaded:
+            raise InputError(f"--jsonl {args.jsonl} holds no records; write one "
+                             '{"context": ..., "question": ..., "answer": ...} object a line')
+        tasks_by_length = {}
+        for task in loaded:
+            tasks_by_length.setdefault(len(str(task.context)), []).append(task)
+    writable(args.out, "--out", inputs=[args.jsonl])
+    if args.traces:
+        if os.path.abspath(args.traces) == os.path.abspath(args.out):
+            raise InputError("--traces and --out are the same file; give them different paths")
+        writable(args.traces, "--traces", inputs=[args.jsonl])
+    if not args.jsonl:
+        try:
+            tasks_by_length = held_out_suite(families, lengths, args.n, split=args.split, start=args.start)
+        except ValueError as e:  # e.g. a length too small for a family: tasks.py says which and how small
+            raise InputError(f"--lengths: {e}") from None
+    runs = [(name, folder, methods, tasks_by_length) for name, folder in runs]
     if args.baselines:
         first = {length: tasks[:args.baselines] for length, tasks in tasks_by_length.items()}
         runs.insert(0, ("base", None, ["rlm", "direct", TEACHER], first))
+    return tasks_by_length, runs
+
+
+def save(args, records, floor):
+    """Write the results so far (called after each policy, so a later failure keeps them)."""
+    if args.traces:
+        with open(args.traces, "w") as f:
+            for r in records:
+                f.write(json.dumps({**r, "trace": r["trace"] and dataclasses.asdict(r["trace"])}) + "\n")
+    records = [{k: v for k, v in r.items() if k != "trace"} for r in records]
+    rows = summarize(records)
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "summary": rows, "floor": floor, "records": records}, f, indent=1, default=str)
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        _, runs = plan(args)
+    except InputError as e:
+        sys.exit(f"eval.py: {e}")
+
+    from lora import load_policy
+
+    settings = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                    max_generated_tokens=args.max_generated_tokens)
+    floor = floor_rows(runs[-1][3]) if runs else []   # every run's tasks are the main suite or its first ones
     records = []
     for name, folder, run_methods, suite in runs:
         print(f"loading {args.model or 'SmolLM2-135M-Instruct'}" + (f" with adapter {folder}" if folder else ""),
@@ -325,21 +429,17 @@ def main():
         # rows are named by the policy: "base", "direct", "teacher", or the adapter's name
         records += [{**r, "policy": name if r["method"] == "rlm" else r["method"] if name == "base"
                      else f"{name} ({r['method']})"} for r in run]
-    if args.traces:
-        with open(args.traces, "w") as f:
-            for r in records:
-                f.write(json.dumps({**r, "trace": r["trace"] and dataclasses.asdict(r["trace"])}) + "\n")
-        print(f"wrote {args.traces}; see it with: python view.py {args.traces}")
-        records = [{k: v for k, v in r.items() if k != "trace"} for r in records]
-    rows = summarize(records)
+        rows = save(args, records, floor)
     print(format_table(rows))
-    floor = floor_rows(tasks_by_length)
     print("\nwhat answers that never do the task earn (mean credit; best constant chosen knowing the answers):")
     print(format_floor(floor))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"args": vars(args), "summary": rows, "floor": floor, "records": records}, f, indent=1, default=str)
+    if args.traces:
+        print(f"wrote {args.traces}; see it with: python view.py {args.traces}")
     print(f"wrote {args.out}")
+    failed = [r for r in records if "error" in r]
+    if failed:
+        sys.exit(f"eval.py: {len(failed)} of {len(records)} runs raised and were scored 0, the first with "
+                 f"{failed[0]['error']!r}; see \"error\" in the records of {args.out}")
 
 
 if __name__ == "__main__":

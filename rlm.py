@@ -43,10 +43,12 @@ import os
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import re
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
 
+from checks import InputError, adapter_folder, at_least, read_text, refuse, writable
 from repl import REPL
 
 CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL)
@@ -637,36 +639,65 @@ def format_rollout(rollout, max_chars=600):
     return "\n".join(lines)
 
 
+# Tokens a plain sub-call's prompt needs at least (chat template, the cut marker, some text): below
+# this, _llm_call cannot cut a prompt to fit max_call_tokens - max_new_tokens.
+CALL_ROOM = 128
+
+
 def main():
     # Budgets of one run: on CPU sized so that a first run on a long file ends in about two minutes
     # on 2 cores; a GPU gets the larger ones, as in train.py. Flags you give win over both.
     # max_call_tokens bounds a sub-call's prompt too: prefilling 8k tokens takes tens of seconds on CPU.
     cpu_budgets = dict(max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=512, max_call_tokens=4096)
     gpu_budgets = dict(max_turns=6, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=4096, max_call_tokens=8192)
+    valid = dict(max_turns="at least 0", max_new_tokens="at least 1", max_sub_calls="at least 0",
+                 max_generated_tokens="at least 1", max_call_tokens=f"at least max-new-tokens + {CALL_ROOM}")
     parser = argparse.ArgumentParser(description="Run one RLM on a text file and print its call tree.")
-    parser.add_argument("--query", required=True)
-    parser.add_argument("--context", required=True, help="path of a text file: the long input")
+    parser.add_argument("--query", required=True, help="the question, not empty")
+    parser.add_argument("--context", required=True, help="path of a text file (UTF-8): the long input")
     parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder, e.g. out/train/adapter")
-    parser.add_argument("--max-depth", type=int, default=2)
+    parser.add_argument("--max-depth", type=int, default=2, help="at least 0 (0: no rlm_query)")
     for name in cpu_budgets:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                            help=f"default: {cpu_budgets[name]} on CPU, {gpu_budgets[name]} on GPU")
-    parser.add_argument("--temperature", type=float, default=0.7)
+                            help=f"{valid[name]}; default: {cpu_budgets[name]} on CPU, {gpu_budgets[name]} on GPU")
+    parser.add_argument("--temperature", type=float, default=0.7, help="at least 0; 0 is greedy")
     parser.add_argument("--sync", action="store_true", help="serve sub-calls one at a time")
     parser.add_argument("--trace", default=None, help="write the rollout as one JSONL line here")
     parser.add_argument("--html", default=None, help="write the rollout as a self-contained page here (view.py)")
     args = parser.parse_args()
 
     import torch
+
+    budgets = gpu_budgets if torch.cuda.is_available() else cpu_budgets
+    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in budgets.items()}
+    refuse("rlm.py", [
+        not args.query.strip() and "--query is empty; ask a question",
+        at_least("--temperature", args.temperature, 0), at_least("--max-depth", args.max_depth, 0),
+        at_least("--max-turns", budgets["max_turns"], 0), at_least("--max-new-tokens", budgets["max_new_tokens"], 1),
+        at_least("--max-sub-calls", budgets["max_sub_calls"], 0),
+        at_least("--max-generated-tokens", budgets["max_generated_tokens"], 1),
+        # a plain sub-call's prompt is cut to fit max_call_tokens - max_new_tokens: it needs some room
+        at_least("--max-call-tokens", budgets["max_call_tokens"], budgets["max_new_tokens"] + CALL_ROOM)])
+    try:
+        context, replaced = read_text(args.context, "--context")
+        if args.adapter:
+            adapter_folder(args.adapter, "--adapter")
+        outputs = [(path, flag) for path, flag in ((args.trace, "--trace"), (args.html, "--html")) if path]
+        if len(outputs) == 2 and os.path.abspath(args.trace) == os.path.abspath(args.html):
+            raise InputError("--trace and --html are the same file; give them different paths")
+        for path, flag in outputs:
+            writable(path, flag, inputs=[args.context])
+    except InputError as e:
+        sys.exit(f"rlm.py: {e}")
+    if replaced:
+        print(f"note: {replaced:,} bytes of {args.context} are not UTF-8; each became U+FFFD in the context",
+              file=sys.stderr, flush=True)
+
     from tqdm import tqdm
 
     from lora import load_policy
 
-    budgets = gpu_budgets if torch.cuda.is_available() else cpu_budgets
-    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in budgets.items()}
-    with open(args.context, encoding="utf-8", errors="replace") as f:
-        context = f.read()
     print(f"loading the policy ({args.model or 'SmolLM2-135M-Instruct'})...", flush=True)
     policy = load_policy(args.model, adapter=args.adapter)
     bar = tqdm(total=budgets["max_generated_tokens"], desc="generated tokens (budget)", unit="tok")

@@ -804,10 +804,11 @@ def _infer_scoring(answer):
 def load_jsonl(path):
     """Tasks from a JSONL file, one {"context", "question" or "query", "answer"} object per
     line (optional "scoring", "family", "seed"). Scoring, when absent: a list is scored by
-    F1, a JSON number by 0.75**|error|, anything else by exact match."""
+    F1, a JSON number by 0.75**|error|, anything else by exact match. The context is what the
+    REPL can hold: a str, or a list or dict of str. A leading byte-order mark is allowed."""
     path = Path(path)
     tasks = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -824,6 +825,17 @@ def load_jsonl(path):
                                       ("answer", rec.get("answer"))) if v is None]
             if missing:
                 raise ValueError(f"{where}: missing {', '.join(missing)} (keys present: {sorted(rec)})")
+            context = rec["context"]
+            if not (isinstance(context, str) or isinstance(context, list) and all(isinstance(v, str) for v in context)
+                    or isinstance(context, dict) and all(isinstance(v, str) for v in context.values())):
+                raise ValueError(f"{where}: context must be a string, or a list or object of strings, "
+                                 f"got {type(context).__name__}")
+            family = rec.get("family", path.stem)
+            if not isinstance(family, (str, int, float)) or isinstance(family, bool):
+                raise ValueError(f"{where}: family must be a string, got {type(family).__name__}")
+            seed = rec.get("seed", lineno)
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
             answer = rec["answer"]
             if not isinstance(answer, (str, int, float, list)):
                 raise ValueError(f"{where}: answer must be a string, number or list, "
@@ -835,8 +847,7 @@ def load_jsonl(path):
                 raise ValueError(f"{where}: scoring is 'number' but answer {answer!r} states no single number")
             if scoring == "number" and isinstance(answer, str):
                 answer = parse_number(answer)
-            tasks.append(Task(rec.get("family", path.stem), str(query), rec["context"], answer,
-                              scoring, rec.get("seed", lineno)))
+            tasks.append(Task(str(family), str(query), context, answer, scoring, seed))
     return tasks
 
 
@@ -849,15 +860,17 @@ def save_jsonl(tasks, path):
 
 if __name__ == "__main__":
     import argparse
+    import sys
     import time
 
     parser = argparse.ArgumentParser(description="Generate one task and print its summary.")
     parser.add_argument("--family", choices=FAMILIES, default="niah")
-    parser.add_argument("--length", type=int, default=100_000)
+    parser.add_argument("--length", type=int, default=100_000,
+                        help="characters, at least the family's minimum (about 500 to 1,400)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variant", action="append", default=[],
                         help="name=value, e.g. needles=4 (repeatable)")
-    parser.add_argument("--show", type=int, default=300, help="characters of context to print")
+    parser.add_argument("--show", type=int, default=300, help="characters of context to print, at least 0")
     args = parser.parse_args()
     variant = {}
     for item in args.variant:
@@ -866,8 +879,13 @@ if __name__ == "__main__":
             variant[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             variant[name] = value
+    if args.show < 0:
+        sys.exit(f"tasks.py: --show must be at least 0 (got {args.show})")
     t0 = time.perf_counter()
-    task = make_task(args.family, args.length, args.seed, **variant)
+    try:
+        task = make_task(args.family, args.length, args.seed, **variant)
+    except (ValueError, TypeError) as e:  # a length too small, an unknown or bad --variant
+        sys.exit(f"tasks.py: {e}")
     seconds = time.perf_counter() - t0
     print(f"query:   {task.query}")
     print(f"answer:  {task.answer!r}  (scoring: {task.scoring})")

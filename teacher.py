@@ -457,20 +457,30 @@ def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_set
     return demos
 
 
-def main():
+def main(argv=None):
     import argparse
+    import sys
 
-    from lora import load_policy
+    from lora import ChatTokens, load_tokenizer
     from rlm import format_rollout
 
     parser = argparse.ArgumentParser(description="Print one teacher demonstration.")
     parser.add_argument("--family", default="niah", choices=list(STRATEGIES))
-    parser.add_argument("--strategy", default="regex")
-    parser.add_argument("--length", type=int, default=8000)
+    parser.add_argument("--strategy", default="regex",
+                        help="; ".join(f"{family}: {', '.join(names)}" for family, names in STRATEGIES.items()))
+    parser.add_argument("--length", type=int, default=8000,
+                        help="context length in characters (each family has a minimum, about 500 to 1,400)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    policy = load_policy()  # for its tokenizer and chat template; the model itself is not run
-    demo = asyncio.run(demonstrate(policy, make_task(args.family, args.length, seed=args.seed), args.strategy,
+    args = parser.parse_args(argv)
+    if args.strategy not in STRATEGIES[args.family]:
+        sys.exit(f"teacher.py: {args.family} has no strategy {args.strategy!r}; choose from "
+                 f"{', '.join(STRATEGIES[args.family])}")
+    try:
+        task = make_task(args.family, args.length, seed=args.seed)
+    except ValueError as e:
+        sys.exit(f"teacher.py: --length: {e}")
+    policy = ChatTokens(load_tokenizer())  # the teacher writes every reply: no model runs, none loads
+    demo = asyncio.run(demonstrate(policy, task, args.strategy,
                                    dict(max_new_tokens=256, max_generated_tokens=2048), args.seed))
     print(format_rollout(demo.rollout, max_chars=2000))
     print(f"correctness: {demo.correctness}")

