@@ -430,14 +430,18 @@ async def _demonstrate_all(policy, jobs, rlm_settings, max_concurrent):
     return await asyncio.gather(*[one(*job) for job in jobs])
 
 
-def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8):
+def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8,
+                        only=None):
     """per_strategy correct demonstrations of every strategy of every family, each on its own task
     (seeds from `seed` * 10**5 upward, away from evaluation's 10**6). Balanced: a strategy whose
-    rollout fails on a task is retried on the next task, so each gets the same count."""
+    rollout fails on a task is retried on the next task, so each gets the same count.
+    only: the (family, strategy) pairs to make, the others skipped (what a rank makes under torchrun)."""
     rlm_settings = rlm_settings or {}
     demos = []
     for family in families:
         for s_index, strategy in enumerate(STRATEGIES[family]):
+            if only is not None and (family, strategy) not in only:
+                continue
             kept, attempt = [], 0
             while len(kept) < per_strategy and attempt < 3 * per_strategy:
                 need = per_strategy - len(kept)
