@@ -465,7 +465,8 @@ def run_eval(policy, reward_config, cfg, step, lengths, label):
 
 def report(out_dir):
     """Print the before/after table with the strategy profile, and draw the curves."""
-    evals = [json.loads(line) for line in open(os.path.join(out_dir, "eval.jsonl"))]
+    path = os.path.join(out_dir, "eval.jsonl")  # absent after a run with --eval_n 0
+    evals = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     rows = [row for e in evals if e["label"] in ("before", "after") for row in e["summary"]]
     if rows:
         print("held-out evaluation, greedy (conc = share of sub-calls run concurrently):")
