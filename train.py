@@ -10,6 +10,7 @@ Dr. GRPO with a cost-aware reward, on a LoRA adapter.
     python train.py --cost_weight 0 --latency_weight 0 --out_dir out/acc   # reward correctness only
     python train.py --resume                          # continue the run in --out_dir, with its saved config
     python train.py --resume --steps 100              # ... and train it for longer
+    torchrun --nproc_per_node 8 train.py --tasks_per_step 64   # 8 GPUs, each a share of every step (dist.py)
 
 The run, top to bottom:
     evaluate held-out tasks (before)
