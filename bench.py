@@ -649,7 +649,8 @@ def run(args):
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         t0 = time.perf_counter()
-        policy = load(args.model, args.tiny, save_to=folder if "memory" in only or ("dist" in only and args.tiny) else None)
+        save = "memory" in only or ("dist" in only and args.tiny)  # the memory and tiny dist runs load it from there
+        policy = load(args.model, args.tiny, save_to=folder if save else None)
         print(f"loaded {'a tiny random model' if args.tiny else args.model or lora.DEFAULT_MODEL} in "
               f"{time.perf_counter() - t0:.0f} s on {device_name(policy.device)}", flush=True)
         steps = {

@@ -75,7 +75,8 @@ def fail_loudly():
         yield
     except BaseException as e:
         if world() > 1 and not (isinstance(e, SystemExit) and e.code in (0, None)):
-            print(f"\ntrain.py: rank {rank()} of {world()} stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"\ntrain.py: rank {rank()} of {world()} stopped: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
             close()
         raise
 
@@ -143,7 +144,8 @@ def check_world(saved_world):
     """None, or why a checkpoint written by saved_world processes cannot resume in this world."""
     if saved_world == world():
         return None
-    how = "python train.py --resume" if saved_world == 1 else f"torchrun --nproc_per_node {saved_world} train.py --resume"
+    how = ("python train.py --resume" if saved_world == 1
+           else f"torchrun --nproc_per_node {saved_world} train.py --resume")
     return (f"train.py: this checkpoint was written by a run of {saved_world} process(es), and this one has {world()}. "
             f"The step's tasks and seeds do not depend on the number of processes, but the order in which the "
             f"gradient is summed does, so the continued run would not be the one that was stopped. Continue it "

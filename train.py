@@ -279,7 +279,8 @@ def update(policy, optimizer, rollouts, advantages_N, cfg):
     merged = merge_stats(stats) if stats else {}
     return {"grad_norm": max(grad_norms, default=0.0), "clip_fraction": merged.get("clip_fraction", 0.0),
             "kl": merged.get("kl"),  # against the base model, measured only when beta > 0
-            "train_rows": dist.total(len(rows)), "train_tokens": (tokens := dist.total(sum(sum(r.loss_mask) for r in rows))),
+            "train_rows": dist.total(len(rows)),
+            "train_tokens": (tokens := dist.total(sum(sum(r.loss_mask) for r in rows))),
             "nll": dist.total(nll) / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update
 
 
@@ -417,7 +418,8 @@ def run(argv, device):
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()
                     if dist.is_main():
-                        write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
+                        write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"),
+                                    mode="a")
                     done = step + 1
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                                 tokens=f"{metrics['generated_tokens']:.0f}")
