@@ -45,6 +45,11 @@ set): on a busy shared CPU spinning threads stall each other and times jump 20-f
   train    one step of train.py's default configuration (on CPU: one task, a group of 4
            rollouts), split into rollouts and update (once, no warm-up); --train-argv
            passes train.py flags, e.g. --train-argv="--group_size 8".
+  dist     (only with --only dist) seconds per RL step of train.py run as `python train.py` (1
+           process) vs `torchrun --nproc_per_node 2 train.py` (2 processes), same flags (--dist-argv),
+           each rank half of the step's groups. On a 2-core CPU expect no speed-up: one process
+           already uses both cores, two processes get one core each for the same work, and add
+           an all-reduce and rank 0's logging.
 """
 
 import argparse
@@ -75,19 +80,24 @@ import tasks  # noqa: E402
 from repl import REPL  # noqa: E402
 from rlm import RLM, Batcher  # noqa: E402
 
-BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "merge", "train")
-NEEDS_MODEL = {"fanout", "batcher", "memory", "merge", "train"}
+BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "merge", "train", "dist")
+OPTIONAL = ("dist",)  # run only when asked for by --only
+NEEDS_MODEL = {"fanout", "batcher", "memory", "merge", "train", "dist"}
 VALID = dict(repeats="at least 1", fanout_k="comma-separated, each at least 1", new_tokens="at least 1",
              chunk_chars="at least 1", batch="at least 1", score_batch="at least 1", score_len="at least 1",
              context_chars="at least 1", task_chars="at least 2000")  # as parse_args checks them
 DEFAULTS = dict(repeats=3, fanout_k="1,4,8,16", new_tokens=32, chunk_chars=400, batch=8, score_batch=8,
-                score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="")
+                score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="",
+                dist_argv="--steps 2 --warm_demos 0 --eval_n 0 --lengths 2000 --max_turns 1 --max_new_tokens 48 "
+                          "--max_generated_tokens 256")
 # On CPU, 8 x 2048 scored tokens would need ~29 GB with grad, and a full training step takes ~7 minutes.
 CPU_SIZES = dict(score_batch=2, score_len=1024, train_argv="")
 TINY = dict(repeats=1, fanout_k="1,4", new_tokens=8, chunk_chars=100, batch=4, score_batch=2, score_len=64,
             context_chars=1_000_000, task_chars=100_000,
             train_argv="--tasks_per_step 1 --group_size 2 --max_turns 1 --max_new_tokens 24 "
-                       "--max_generated_tokens 96 --lengths 2000")
+                       "--max_generated_tokens 96 --lengths 2000",
+            dist_argv="--steps 2 --warm_demos 0 --eval_n 0 --lengths 2000 --max_turns 1 --max_new_tokens 24 "
+                      "--max_generated_tokens 96")
 
 
 # -----------------------------------------------------------------------------
@@ -584,6 +594,38 @@ def bench_train(policy, train_argv):
                 seconds=update_s, **{k: metrics[k] for k in ("train_rows", "train_tokens")})]
 
 
+def bench_dist(model, train_argv, processes=2):
+    """Median seconds per RL step (rank 0's rollouts + update, all-reduce and gathering included) of
+    train.py at 1 process and under torchrun at `processes`, with the same flags."""
+    import socket
+
+    seconds, steps = {}, {}
+    for n in (1, processes):
+        with tempfile.TemporaryDirectory() as out:
+            if n == 1:
+                launcher = [sys.executable]
+            else:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+            command = launcher + [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), *train_argv,
+                                  "--out_dir", out] + (["--model", model] if model else [])
+            done = subprocess.run(command, capture_output=True, text=True, cwd=out)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+            rl = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            rl = [m for m in rl if m["phase"] == "rl"]
+            seconds[n] = statistics.median(m["rollout_seconds"] + m["update_seconds"] for m in rl)
+            steps[n] = len(rl)
+        print(f"  {n} process(es): {seconds[n]:.1f} s per RL step", flush=True)
+    return [row("dist", f"one RL step, {processes} processes (torchrun) vs 1, median of {steps[processes]} steps",
+                measured=f"{seconds[processes]:.1f} s", baseline=f"1 process {seconds[1]:.1f} s",
+                ratio=seconds[1] / seconds[processes], seconds=seconds[processes], baseline_seconds=seconds[1],
+                argv=train_argv)]
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -605,7 +647,7 @@ def load(model, tiny, save_to=None, dtype=None):
 
 
 def run(args):
-    only = args.only.split(",") if args.only else list(BENCHMARKS)
+    only = args.only.split(",") if args.only else [b for b in BENCHMARKS if b not in OPTIONAL]
     unknown = set(only) - set(BENCHMARKS)
     if unknown:
         sys.exit(f"bench.py: unknown benchmarks {sorted(unknown)}; choose from {','.join(BENCHMARKS)}")
@@ -613,7 +655,8 @@ def run(args):
     with tempfile.TemporaryDirectory() as folder:
         if NEEDS_MODEL & set(only):  # repl and tasks run no model: loading one would only cost time
             t0 = time.perf_counter()
-            policy = load(args.model, args.tiny, save_to=folder if "memory" in only else None)
+            save = "memory" in only or ("dist" in only and args.tiny)  # the memory and tiny dist runs load it from there
+            policy = load(args.model, args.tiny, save_to=folder if save else None)
             print(f"loaded {'a tiny random model' if args.tiny else args.model or lora.DEFAULT_MODEL} in "
                   f"{time.perf_counter() - t0:.0f} s on {device_name(policy.device)}", flush=True)
         steps = {
@@ -626,6 +669,7 @@ def run(args):
             "merge": lambda: bench_merge(policy, load(args.model, args.tiny, dtype=torch.bfloat16), args.new_tokens,
                                          args.repeats),
             "train": lambda: bench_train(policy, args.train_argv.split()),
+            "dist": lambda: bench_dist(folder if args.tiny else args.model, args.dist_argv.split()),
         }
         for name in BENCHMARKS:  # in this order: train changes the adapter (and puts it back) last
             if name in only:

@@ -200,6 +200,8 @@ class Policy:
         eos = [tokenizer.eos_token_id] + _as_list(base.generation_config.eos_token_id)
         self.eos_token_ids = list(dict.fromkeys(i for i in eos if i is not None))
         self._eos_texts = [tokenizer.decode([i]) for i in self.eos_token_ids]
+        if tokenizer.chat_template:  # else chat_ids says what to do, when it is first asked
+            check_chat_template(self)
         # A clean generation config: hub defaults (top_k, repetition penalty, ...) would change
         # the sampling distribution behind the back of the recorded log-probs.
         base.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=self.pad_token_id,
@@ -238,6 +240,9 @@ class Policy:
         """Ids that follow a sampled completion: (end-of-turn if it did not end with one) + a user
         turn + a new assistant prompt. Cut from the template's own rendering of a conversation,
         so previous ids + sampled ids + these == the template's rendering of the whole thing."""
+        return self.encode(self._followup_text(user_text, ended_with_eos))
+
+    def _followup_text(self, user_text, ended_with_eos):
         marker = "<<assistant reply>>"
         text = self._render([{"role": "user", "content": "."}, {"role": "assistant", "content": marker},
                              {"role": "user", "content": user_text}])
@@ -245,7 +250,15 @@ class Policy:
         if ended_with_eos:     # the sampled ids already hold the end-of-turn token
             after_reply = next((after_reply[len(e):] for e in self._eos_texts if after_reply.startswith(e)),
                                after_reply)
-        return self.encode(after_reply)
+        return after_reply
+
+    def _end_of_turn(self):
+        """The end-of-sequence id the template writes after an assistant reply; None if it writes none."""
+        marker = "<<assistant reply>>"
+        text = self._render([{"role": "user", "content": "."}, {"role": "assistant", "content": marker},
+                             {"role": "user", "content": "."}])
+        after_reply = text[text.index(marker) + len(marker):] if marker in text else ""
+        return next((i for i, e in zip(self.eos_token_ids, self._eos_texts) if e and after_reply.startswith(e)), None)
 
     def _render(self, messages):
         if not self.tokenizer.chat_template:
@@ -411,13 +424,73 @@ class ChatTokens:
     """Policy's tokenizer half without a model: encode, decode, chat and follow-up ids. Enough for
     the teacher (teacher.py), which writes every reply itself."""
 
-    encode, decode, chat_ids, followup_ids, _render = (
-        Policy.encode, Policy.decode, Policy.chat_ids, Policy.followup_ids, Policy._render)
+    encode, decode, chat_ids, followup_ids, _render, _followup_text, _end_of_turn = (
+        Policy.encode, Policy.decode, Policy.chat_ids, Policy.followup_ids, Policy._render, Policy._followup_text,
+        Policy._end_of_turn)
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.eos_token_ids = [tokenizer.eos_token_id]
         self._eos_texts = [tokenizer.decode([i]) for i in self.eos_token_ids]
+        check_chat_template(self)   # the same template rules, and end-of-turn token, as a Policy
+
+
+TEMPLATE_ADVICE = (
+    "Use an instruct model whose template renders every turn the same however long the conversation grows "
+    "(the ChatML ones of SmolLM2 and Qwen2.5 do, and those of Llama 3 and Gemma 3), or give this model such a "
+    "template: set tokenizer.chat_template to one, save model and tokenizer with save_pretrained, and pass "
+    "that folder as --model.")
+
+
+def check_chat_template(policy):
+    """Refuse a chat template that breaks the token-in/token-out prefix property.
+
+    rlm.py never re-renders a conversation: each next prompt is previous ids + sampled ids +
+    followup_ids(observation), and training scores exactly those ids. That is the template's own
+    rendering of the conversation only if rendering turn k does not depend on the turns after it.
+    Some templates rewrite earlier turns as a conversation grows (drop the reasoning of earlier
+    assistant turns, move the system prompt to the last user turn, ...); with them the model would
+    be trained and run on conversations laid out as it never saw them. So a short multi-turn
+    conversation is rendered both ways, replies ended by end-of-turn or cut off, and must agree.
+    As text: the ids may differ where the tokenizer would merge across a turn's edge (the template's
+    "\n\n" and a reply's first characters), which is the tokenizer's doing, not the template's; and
+    a sampled reply is its own ids whatever a re-tokenization would make of them.
+    Puts the end-of-turn id the template writes after a reply first in policy.eos_token_ids."""
+    def refuse(why):
+        raise ValueError(f"the chat template of this model does not keep earlier turns as they were: {why}. "
+                         f"Training is token-in, token-out: each next prompt is the previous ids + the sampled ids + "
+                         f"the next user turn, never a re-rendering, so the template must render a conversation as "
+                         f"the turn-by-turn concatenation of its turns. {TEMPLATE_ADVICE}")
+
+    start = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Count the lines."}]
+    try:
+        policy._render(start)
+        policy._followup_text(".", ended_with_eos=False)
+    except ValueError:  # the marker reply is not in the rendering
+        refuse("it leaves out the content of an assistant reply once a user turn follows it")
+    except Exception as e:  # the template itself raised, e.g. on the system role
+        refuse(f"it cannot render a conversation of the kind an RLM holds (system, user, assistant, user): {e}")
+    end = policy._end_of_turn()
+    if end is None:
+        refuse("after an assistant reply it writes none of the model's end-of-sequence tokens "
+               f"({policy._eos_texts}), so sampling would not stop where the template ends a turn")
+    policy.eos_token_ids = [end] + [i for i in policy.eos_token_ids if i != end]
+    policy._eos_texts = [policy.tokenizer.decode([i]) for i in policy.eos_token_ids]
+    # The first reply reasons in <think> tags: templates that strip the reasoning of earlier turns show it.
+    turns = [("<think>\nCount them in code.\n</think>\n\n```repl\nprint(len(context.splitlines()))\n```",
+              "Output:\n42"), ("FINAL(42)", "Are you sure?")]
+    for ended_with_eos in (True, False):
+        text, conversation = policy._render(start), list(start)
+        for reply, observation in turns:
+            text += reply + (policy._eos_texts[0] if ended_with_eos else "") + policy._followup_text(observation,
+                                                                                                   ended_with_eos)
+            conversation += [{"role": "assistant", "content": reply}, {"role": "user", "content": observation}]
+            whole = policy._render(conversation)
+            if text != whole:
+                k = next((k for k, (a, b) in enumerate(zip(text, whole)) if a != b), min(len(text), len(whole)))
+                refuse(f"rendered in one go, a conversation of {len(conversation)} messages reads "
+                       f"{whole[max(0, k - 30):k + 40]!r} at character {k}, where its turns appended one by one "
+                       f"read {text[max(0, k - 30):k + 40]!r}")
 
 
 def _as_list(x):

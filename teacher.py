@@ -6,7 +6,9 @@ A 135M model does not discover REPL use from reinforcement alone (its first roll
 write prose, so every reward is 0), and no larger model is available offline to show it
 how. So the first lesson comes from a program. `TeacherPolicy` has the policy's
 interface (chat_ids, followup_ids, decode, sample); its `sample` reads the conversation
-it is given, exactly as a model would, and writes the next reply. Run through the real
+it is given, and writes the next reply. It reads the conversation from its structure, the
+messages it keeps beside the ids that its chat_ids and followup_ids made, not from the text
+of one chat template, so it works with any model's template. Run through the real
 `rlm.RLM`, with the real model's tokenizer and chat template, every demonstration is a
 trace like any rollout: exact token ids, real REPL observations, real sub-calls, whose
 replies the teacher also writes (it plays every role: root, child RLM, plain sub-call).
@@ -71,7 +73,6 @@ STRATEGIES = {"niah": ("regex", "look", "window", "split_async", "split_sync"),
 NOT_FOUND = "not found"
 PART_NOTE = " It may not be in this part: then answer 'not found'."  # added to a child's query by split_*
 RLM_SYSTEM_START = system_prompt(False, False).split(".")[0]  # how every RLM call's system prompt begins
-TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.DOTALL)  # ChatML, as SmolLM2 and Qwen
 
 # What the teacher reads from a query: a niah key, or a multihop chain (agent, relations).
 NIAH_QUERY = re.compile(r"magic number for (\S+) mentioned")
@@ -110,21 +111,54 @@ class TeacherSample:  # what Policy.sample returns, field for field
 
 
 class TeacherPolicy:
-    """The policy's interface with scripted replies; tokenizer and template from `policy`."""
+    """The policy's interface with scripted replies; tokenizer and template from `policy`.
+
+    The ids of a prompt are the template's business; the teacher keeps each conversation's
+    messages beside them: chat_ids records the messages of the ids it makes, sample the reply it
+    appended, followup_ids the user turn of the ids it makes. A prompt is then a recorded
+    conversation, or a recorded reply followed by recorded followup ids (as rlm.py builds them)."""
 
     def __init__(self, policy, strategy):
         self.policy, self.strategy = policy, strategy
-        self.eos_token_ids = policy.eos_token_ids
-        self.chat_ids, self.followup_ids, self.decode = policy.chat_ids, policy.followup_ids, policy.decode
+        self.eos_token_ids = policy.eos_token_ids  # [0]: the end-of-turn id the template writes after a reply
+        self.decode = policy.decode
+        self._messages = {}   # tuple(prompt ids) -> [(role, content), ...]
+        self._replied = {}    # tuple(prompt ids + reply ids) -> the messages with that reply appended
+        self._followups = {}  # tuple(followup ids) -> the user turn they hold
+
+    def chat_ids(self, messages):
+        ids = self.policy.chat_ids(messages)
+        self._messages[tuple(ids)] = [(m["role"], m["content"]) for m in messages]
+        return ids
+
+    def followup_ids(self, user_text, ended_with_eos):
+        ids = self.policy.followup_ids(user_text, ended_with_eos)
+        self._followups[tuple(ids)] = user_text
+        return ids
+
+    def messages(self, prompt):
+        """The conversation of a prompt made by this teacher's chat_ids, or by a reply of its own + followup_ids."""
+        key = tuple(prompt)
+        if key not in self._messages:
+            for before in sorted(self._replied, key=len, reverse=True):
+                if key[:len(before)] == before and key[len(before):] in self._followups:
+                    self._messages[key] = self._replied[before] + [("user", self._followups[key[len(before):]])]
+                    break
+            else:
+                raise ValueError("the teacher was given a prompt it did not build: make prompts with its chat_ids "
+                                 "and continue them with its replies and its followup_ids, as rlm.RLM does")
+        return self._messages[key]
 
     def sample(self, prompts, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None, seeds=None):
         samples = []
         for i, prompt in enumerate(prompts):
             seed = seeds[i] if seeds and seeds[i] is not None else zlib.crc32(bytes(str(prompt[-64:]), "utf-8"))
-            messages = TURN.findall(self.policy.decode(prompt, skip_special_tokens=False))
+            messages = self.messages(prompt)
             text = reply(messages, self.strategy, random.Random(seed))
             ids = (self.policy.encode(text) + [self.eos_token_ids[0]])[:max_new_tokens]
             finish = "stop" if ids[-1] in self.eos_token_ids else "length"
+            said = self.policy.decode([t for t in ids if t not in self.eos_token_ids])
+            self._replied[tuple(prompt) + tuple(ids)] = messages + [("assistant", said)]
             samples.append(TeacherSample(ids, [0.0] * len(ids), finish))  # log-probs are unused in cloning
         return samples
 
@@ -430,14 +464,18 @@ async def _demonstrate_all(policy, jobs, rlm_settings, max_concurrent):
     return await asyncio.gather(*[one(*job) for job in jobs])
 
 
-def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8):
+def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8,
+                        only=None):
     """per_strategy correct demonstrations of every strategy of every family, each on its own task
     (from the "demo" split of tasks.task_seed, which no evaluation draws from). Balanced: a strategy whose
-    rollout fails on a task is retried on the next task, so each gets the same count."""
+    rollout fails on a task is retried on the next task, so each gets the same count.
+    only: the (family, strategy) pairs to make, the others skipped (what a rank makes under torchrun)."""
     rlm_settings = rlm_settings or {}
     demos = []
     for family in families:
         for s_index, strategy in enumerate(STRATEGIES[family]):
+            if only is not None and (family, strategy) not in only:
+                continue
             kept, attempt = [], 0
             while len(kept) < per_strategy and attempt < 3 * per_strategy:
                 need = per_strategy - len(kept)

@@ -11,6 +11,7 @@ Dr. GRPO with a cost-aware reward, on a LoRA adapter.
     python train.py --resume                          # continue the run in --out_dir, with its saved config
     python train.py --resume --steps 100              # ... and train it for longer
     python train.py --overwrite                       # a new run into an --out_dir that holds one: deleted first
+    torchrun --nproc_per_node 8 train.py --tasks_per_step 64   # 8 GPUs, each a share of every step (dist.py)
 
 The run, top to bottom:
     evaluate held-out tasks (before)
@@ -50,6 +51,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import dist
 from checkpoint import LOGS, load_checkpoint, restore_rng, save_checkpoint, truncate_logs, write_whole
 from checks import InputError, adapter_folder, at_least, between, positive, writable_folder
 from eval import evaluate, format_table, held_out_suite, summarize
@@ -239,8 +241,12 @@ def warm_start_batches(policy, cfg):
     families = [f for f in cfg["families"].split(",") if f in STRATEGIES]
     if not cfg["warm_demos"] or not families:
         return []
+    # Under torchrun each rank makes the demonstrations of its share of the strategies; all ranks then
+    # hold all of them, in the order one process makes them.
+    pairs = [(f, s) for f in families for s in STRATEGIES[f]]
     demos = make_demonstrations(policy, families, ints(cfg["warm_lengths"]), cfg["warm_demos"], seed=cfg["seed"],
-                                rlm_settings=rlm_settings(cfg))
+                                rlm_settings=rlm_settings(cfg), only=[pairs[i] for i in dist.share(len(pairs))])
+    demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
     order = [i for epoch in range(cfg["warm_epochs"])
              for i in random.Random(f"{cfg['seed']}-warm-{epoch}").sample(range(len(demos)), len(demos))]
     return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]
@@ -257,12 +263,13 @@ def step_tasks(cfg, step, lengths):
     return [t for t in tasks for _ in range(cfg["group_size"])]
 
 
-async def collect(rlm, tasks, seed):
-    """All rollouts at once; rollout i samples from its own seed, so timing never changes a step."""
-    bar = tqdm(total=len(tasks), desc="  rollouts", leave=False)
+async def collect(rlm, tasks, seed, first=0):
+    """All rollouts at once; rollout i samples from its own seed, so timing never changes a step.
+    first: the index of tasks[0] in the step (a rank's share starts there under torchrun)."""
+    bar = tqdm(total=len(tasks), desc="  rollouts", leave=False, disable=not dist.is_main())
 
     async def one(i, task):
-        rollout = await rlm.run(task.query, task.context, seed=seed * 10_000 + i)
+        rollout = await rlm.run(task.query, task.context, seed=seed * 10_000 + first + i)
         bar.update(1)
         return rollout
 
@@ -283,7 +290,8 @@ def update(policy, optimizer, rollouts, advantages_N, cfg, temperature=None):
     rows = build_rows(rollouts, advantages_N, skip_zero_advantage=cfg["beta"] == 0)
     batches = micro_batches(rows, cfg["micro_batch_tokens"], pad_id=policy.pad_token_id)
     batches = [b.to(policy.device) for b in batches]
-    norm = token_budget_norm(len(rollouts), cfg["max_generated_tokens"])
+    # Every rank's rollouts count in the norm, and the ranks' grads are summed: N ranks take the step one would.
+    norm = token_budget_norm(dist.total(len(rollouts)), cfg["max_generated_tokens"])
     params = policy.trainable_parameters()
     score = lambda b, **kw: policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT,
                                             temperature=temperature, **kw)
@@ -293,7 +301,7 @@ def update(policy, optimizer, rollouts, advantages_N, cfg, temperature=None):
             b.old_logprobs_BT = score(b) if cfg["epochs"] > 1 else None
             b.ref_logprobs_BT = score(b, use_adapter=False) if cfg["beta"] > 0 else None
     stats, grad_norms, nll = [], [], 0.0
-    for _ in range(cfg["epochs"] if batches else 0):
+    for _ in range(cfg["epochs"] if dist.total(len(batches)) else 0):
         optimizer.zero_grad(set_to_none=True)
         for b in batches:  # the loss's constant norm makes accumulation exact
             logprobs_BT = score(b)
@@ -306,13 +314,16 @@ def update(policy, optimizer, rollouts, advantages_N, cfg, temperature=None):
             stats.append(loss_stats(logprobs_BT, old_BT, b.advantages_B, b.loss_mask_BT,
                                     eps_low=cfg["eps_low"], eps_high=cfg["eps_high"],
                                     ref_logprobs_BT=b.ref_logprobs_BT))
+        dist.all_reduce_grads(params)
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])))
         optimizer.step()
+    stats = dist.gather(stats)
     merged = merge_stats(stats) if stats else {}
     return {"grad_norm": max(grad_norms, default=0.0), "clip_fraction": merged.get("clip_fraction", 0.0),
             "kl": merged.get("kl"),  # against the base model, measured only when beta > 0
-            "train_rows": len(rows), "train_tokens": (tokens := sum(sum(r.loss_mask) for r in rows)),
-            "nll": nll / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update
+            "train_rows": dist.total(len(rows)),
+            "train_tokens": (tokens := dist.total(sum(sum(r.loss_mask) for r in rows))),
+            "nll": dist.total(nll) / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update
 
 
 def warm_step(policy, optimizer, demonstrations, cfg):
@@ -380,6 +391,13 @@ def prepare_out_dir(cfg, resuming):
 
 
 def main(argv=None):
+    device = dist.init()  # None without torchrun
+    with dist.fail_loudly():
+        run(argv, device)
+    dist.close()
+
+
+def run(argv, device):
     given = parse_flags(argv)
     given.setdefault("out_dir", DEFAULTS["out_dir"])  # the run is where it is now, not where it was saved
     if given.get("resume") and given.get("overwrite"):
@@ -396,6 +414,8 @@ def main(argv=None):
                  "start a new run in another --out_dir, or in this one with --overwrite")
     if given.get("resume") and state is None:
         sys.exit(f"train.py: --resume found no checkpoint in {given['out_dir']}; run without --resume first")
+    if state and (problem := dist.check_world(state.get("world_size", 1))):
+        sys.exit(problem)
     cfg = resumed_config(state, given) if state else parse_config(argv)
     check_config(cfg)
     if cfg["init_adapter"] and not state:
@@ -407,9 +427,10 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])  # the new adapter's initial weights
     try:
         policy = load_policy(cfg["model"], adapter=os.path.join(folder, "adapter") if state else cfg["init_adapter"],
-                             lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"])
+                             lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], device=device)
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: could not load the model: {e}")
+    dist.broadcast_parameters(policy.trainable_parameters())
     if cfg["gradient_checkpointing"]:
         policy.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     warm = warm_start_batches(policy, cfg)
@@ -417,7 +438,8 @@ def main(argv=None):
     start, evaluated, stage = 0, -1, 0  # steps done, the last step evaluated, the curriculum's stage
     if state:
         restore_rng(state["rng"])
-        truncate_logs(cfg["out_dir"], state["logs"])
+        if dist.is_main():
+            truncate_logs(cfg["out_dir"], state["logs"])
         start, evaluated, stage = state["step"], state["evaluated"], state["stage"]
     # A fresh optimizer for RL: Adam's moments from cloning (advantage 1 on every token) would dwarf
     # RL's small advantages for hundreds of steps.
@@ -426,19 +448,22 @@ def main(argv=None):
                                   weight_decay=cfg["weight_decay"])
     if state and state["phase"] == phase:
         optimizer.load_state_dict(state["optimizer"])
-    print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device}: {len(warm)} warm-start steps, "
-          f"{cfg['steps']} RL steps, from step {start}; output in {cfg['out_dir']}", flush=True)
+    if dist.is_main():
+        print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device}"
+              + (f" and {dist.world() - 1} more processes" if dist.world() > 1 else "") + f": {len(warm)} warm-start "
+              f"steps, {cfg['steps']} RL steps, from step {start}; output in {cfg['out_dir']}", flush=True)
 
     rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **rlm_settings(cfg))
     reward_config = RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
     stages = ints(cfg["lengths"])
-    log = open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a")
-    bar = tqdm(range(start, total), desc="train", initial=start, total=total)
+    log = open(os.path.join(cfg["out_dir"], "metrics.jsonl") if dist.is_main() else os.devnull, "a")  # rank 0 logs
+    bar = tqdm(range(start, total), desc="train", initial=start, total=total, disable=not dist.is_main())
     done = start  # steps completed
 
     def checkpoint():
-        save_checkpoint(cfg["out_dir"], policy, optimizer, {"step": done, "evaluated": evaluated, "stage": stage,
-                        "phase": phase, "warm_steps": len(warm), "config": cfg})
+        if dist.is_main():
+            save_checkpoint(cfg["out_dir"], policy, optimizer, {"step": done, "evaluated": evaluated, "stage": stage,
+                            "phase": phase, "warm_steps": len(warm), "config": cfg, "world_size": dist.world()})
 
     try:
         if evaluated < 0:
@@ -452,7 +477,8 @@ def main(argv=None):
             t0 = time.time()
             if phase == "warm":  # behaviour cloning: every advantage 1
                 with DeferInterrupt():
-                    stats = warm_step(policy, optimizer, warm[step], cfg)
+                    _, mine = dist.my_part(warm[step])  # this rank's demonstrations of the batch
+                    stats = warm_step(policy, optimizer, mine, cfg)
                     metrics = {"step": step + 1, "phase": "warm", **stats, "update_seconds": time.time() - t0,
                                "lr": cfg["warm_lr"]}
                     log.write(json.dumps(metrics) + "\n")
@@ -460,8 +486,8 @@ def main(argv=None):
                     done = step + 1
                 bar.set_postfix(phase="warm", nll=f"{stats['nll']:.3f}")
             else:
-                tasks = step_tasks(cfg, step, stages[:stage + 1])
-                rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step))
+                first, tasks = dist.my_part(step_tasks(cfg, step, stages[:stage + 1]), cfg["group_size"])
+                rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step, first=first))
                 t1 = time.time()
                 rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
                 rewards_N = [r["reward"] for r in rewards]
@@ -469,6 +495,10 @@ def main(argv=None):
                     correct_N = [r["correctness"] for r in rewards] if cfg["skip_unsolved"] else None
                     advantages_N = group_advantages(rewards_N, cfg["group_size"], correctness_N=correct_N)
                     stats = update(policy, optimizer, rollouts, advantages_N, cfg)
+                    # Rank 0 logs the whole step: every rank's rollouts and rewards, in the step's order.
+                    everyone = dist.gather(list(zip(rollouts, rewards)))
+                    rollouts, rewards = [r for r, _ in everyone], [w for _, w in everyone]
+                    rewards_N = [r["reward"] for r in rewards]
                     metrics = {"step": step + 1, "phase": "rl", "max_length": stages[stage],
                                **summarize_rollouts(rollouts, rewards), **stats,
                                "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
@@ -476,7 +506,9 @@ def main(argv=None):
                                "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
                     log.write(json.dumps(metrics) + "\n")
                     log.flush()
-                    write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
+                    if dist.is_main():
+                        write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"),
+                                    mode="a")
                     done = step + 1
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                                 tokens=f"{metrics['generated_tokens']:.0f}")
@@ -487,6 +519,7 @@ def main(argv=None):
                     evaluated = done
                     if mean([r["correctness"] for r in rows]) >= cfg["promote_at"]:
                         stage += 1  # the next length joins the training mix
+                    stage = dist.broadcast(stage)  # rank 0 evaluated
             if cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 or done == total:
                 checkpoint()  # after the evaluation, whose line it counts
         if evaluated < total:
@@ -499,6 +532,8 @@ def main(argv=None):
         sys.exit(130)
     finally:
         log.close()
+    if not dist.is_main():
+        return
     write_whole(os.path.join(cfg["out_dir"], "adapter"), policy.save_adapter)
     report(cfg["out_dir"])
     print(f"done: adapter in {os.path.join(cfg['out_dir'], 'adapter')}, metrics in "
@@ -507,7 +542,7 @@ def main(argv=None):
 
 def run_eval(policy, reward_config, cfg, step, lengths, label):
     """Greedy rollouts on held-out tasks, through eval.py's code; logged, and shown as a page. -> summary rows"""
-    if not cfg["eval_n"]:
+    if not cfg["eval_n"] or not dist.is_main():  # rank 0 alone evaluates
         return []
     # The curriculum decides on the validation split; before/after report on the evaluation split,
     # which nothing in training ever looks at.

@@ -220,8 +220,8 @@ def test_a_budget_too_small_for_a_strategy_is_reported(tiny_policy):
 def test_teacher_policy_respects_max_new_tokens(tiny_policy):
     teacher = TeacherPolicy(tiny_policy, "regex")
     task = make_task("niah", 2000, seed=0)
-    prompt = tiny_policy.chat_ids([{"role": "system", "content": system_prompt(True, True)},
-                                   {"role": "user", "content": f"Query: {task.query}\n\nThe context is ..."}])
+    prompt = teacher.chat_ids([{"role": "system", "content": system_prompt(True, True)},
+                               {"role": "user", "content": f"Query: {task.query}\n\nThe context is ..."}])
     [full] = teacher.sample([prompt], max_new_tokens=500)
     [cut] = teacher.sample([prompt], max_new_tokens=5)
     assert full.finish_reason == "stop" and cut.finish_reason == "length"
