@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass
 
 from reward import RewardConfig, compute_reward
-from rlm import RLM, Batcher, Cost, dependencies, strip_eos
+from rlm import RLM, Batcher, strip_eos
 from tasks import FAMILIES, cheap_answers, load_jsonl, make_suite, score
+from trace import Cost, dependencies
 
 METHODS = {
     "rlm": dict(allow_async=True, allow_rlm_query=True),
@@ -186,7 +187,7 @@ def summarize(records):
 
 def strategy_profile(rollout):
     """How a rollout went about it: root turns, sub-calls, and how many of them ran concurrently
-    with another sub-call of the same turn (neither waited for the other, by rlm.dependencies).
+    with another sub-call of the same turn (neither waited for the other, by trace.dependencies).
     None (the direct baseline): one turn, nothing else."""
     if rollout is None:
         return {"turns": 1, "sub_calls": 0, "concurrent": 0}

@@ -19,7 +19,7 @@ The trade-off the weights express:
     memory-bound, so a generated token costs several times a prompt token in practice
     (API prices are 3-5x apart too). The default 0.25 keeps long prompts visible without
     letting them dominate, since every turn re-reads its conversation.
-  - Latency is charged along the critical path of the call tree (rlm.Cost's
+  - Latency is charged along the critical path of the call tree (trace.Cost's
     critical_path_tokens): sequential calls add up, concurrent calls count only their
     longest. Two rollouts with the same total tokens differ in latency when one ran its
     sub-calls with asyncio.gather and the other one after another, so this term is what
@@ -74,7 +74,7 @@ def weighted_tokens(cost, config=RewardConfig()):
 
 def compute_reward(correctness, cost, config=RewardConfig()):
     """Every term of the reward. cost: anything with .prompt_tokens, .generated_tokens and
-    .critical_path_tokens (rlm.Cost). correctness: tasks.score(...), in [0, 1]."""
+    .critical_path_tokens (trace.Cost). correctness: tasks.score(...), in [0, 1]."""
     correctness = float(correctness)
     if not 0.0 <= correctness <= 1.0:
         raise ValueError(f"correctness must be in [0, 1] (a tasks.score value), got {correctness}")
@@ -92,5 +92,5 @@ def compute_reward(correctness, cost, config=RewardConfig()):
 
 
 def reward_for(task, rollout, config=RewardConfig()):
-    """compute_reward for an rlm.Rollout on a tasks.Task (no answer scores 0)."""
+    """compute_reward for a trace.Rollout on a tasks.Task (no answer scores 0)."""
     return compute_reward(tasks.score(task, rollout.answer), rollout.cost, config)

@@ -18,7 +18,8 @@ plain completion instead), synchronously or concurrently with their async twins.
 
 Every generation of every call in every concurrent rollout goes through one Batcher,
 which gathers the requests that are waiting into one batched sampling call run off the
-event loop, so REPLs keep running while the model generates.
+event loop, so REPLs keep running while the model generates. What a rollout leaves behind
+(the call tree with exact token ids, costs, the critical path, JSONL) is trace.py's.
 
 Deliberate simplifications, one line each:
 - each turn re-prefills the whole conversation (no KV cache across turns); prompt tokens are counted that way.
@@ -37,7 +38,6 @@ Deliberate simplifications, one line each:
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
@@ -45,79 +45,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import re
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from repl import REPL
+from trace import Call, Rollout, finish_costs, format_rollout, write_jsonl
 
 CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL)
 
 
 class BudgetExhausted(RuntimeError):
     """Raised inside a rollout when a call's share of the token or sub-call budget is spent."""
-
-
-# -----------------------------------------------------------------------------
-# The trace: what a rollout leaves behind, for the reward and for training
-
-
-@dataclass
-class Cost:
-    prompt_tokens: int = 0  # tokens prefilled, summed over every sampling call of the tree
-    generated_tokens: int = 0  # tokens sampled over the tree
-    sub_calls: dict = field(default_factory=lambda: {"llm_query": 0, "rlm_query": 0})
-    depth: int = 0  # deepest call reached, the root being 0
-    critical_path_tokens: int = 0  # generated tokens along the longest chain of dependent calls
-    wall_seconds: float = 0.0
-
-
-@dataclass
-class Call:
-    """One node of the call tree: its whole conversation as exact token ids."""
-
-    id: int
-    parent: int | None
-    kind: str  # "root", "rlm_query" or "llm_query"
-    depth: int
-    query: str
-    token_ids: list = field(default_factory=list)
-    sampled_mask: list = field(default_factory=list)  # 1 where the policy sampled the token
-    sampling_logprobs: list = field(default_factory=list)  # aligned with token_ids, 0.0 where not sampled
-    prompt_lengths: list = field(default_factory=list)  # len(token_ids) at each sampling call
-    turns: list = field(default_factory=list)  # readable: reply, code, observation, sub-calls
-    answer: str | None = None
-    cost: Cost = field(default_factory=Cost)
-    started: float = 0.0
-    ended: float = 0.0
-
-    def append(self, ids, sampled, logprobs=None):
-        self.token_ids += ids
-        self.sampled_mask += [int(sampled)] * len(ids)
-        self.sampling_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
-
-
-@dataclass
-class Rollout:
-    query: str
-    answer: str | None
-    calls: list  # calls[0] is the root; a child's parent is an index into this list
-    cost: Cost
-    max_generated_tokens: int
-
-
-def write_jsonl(rollouts, path, mode="w"):
-    with open(path, mode) as f:
-        for rollout in rollouts:
-            f.write(json.dumps(dataclasses.asdict(rollout)) + "\n")
-
-
-def read_jsonl(path):
-    rollouts = []
-    with open(path) as f:
-        for line in f:
-            d = json.loads(line)
-            calls = [Call(**{**c, "cost": Cost(**c["cost"])}) for c in d["calls"]]
-            rollouts.append(Rollout(**{**d, "calls": calls, "cost": Cost(**d["cost"])}))
-    return rollouts
 
 
 # -----------------------------------------------------------------------------
@@ -342,8 +279,7 @@ class RLM:
         state.budgets[root.id] = _Budget(self.max_generated_tokens, self.max_sub_calls)
         answer = await self._rlm_call(state, root, context)
         calls = _in_tree_order(state.calls, state.paths)
-        for call in reversed(calls):  # children come after their parents
-            _finish_cost(call, calls)
+        finish_costs(calls)
         return Rollout(query, answer, calls, calls[0].cost, self.max_generated_tokens)
 
     # --- one generation, within the call's budget
@@ -542,99 +478,6 @@ def _in_tree_order(calls, paths):
                 s["after"] = sorted(new_id[a] for a in s["after"] if a in recorded)
             turn["sub_calls"].sort(key=lambda s: s["call"])  # in the order asked, not the order they ended
     return ordered
-
-
-def dependencies(sub_calls):
-    """One turn's sub-call records, each after those it waited for, and for each the positions
-    (in that order) of those it waited for. -> (records, after).
-
-    A sub-call waited for the ones in its "after": their replies had reached the code before it
-    asked (or it was served after them). That is fixed by the code alone, so concurrent calls stay
-    concurrent however fast each one was. Traces written before "after" existed fall back to the
-    logical clock: a sub-call waited for those that ended before it started.
-    """
-    if all("after" in s for s in sub_calls):
-        records = sorted(sub_calls, key=lambda s: s["call"])  # call ids follow the order asked
-        position = {s["call"]: i for i, s in enumerate(records)}
-        return records, [[position[a] for a in s["after"] if a in position] for s in records]
-    records = sorted(sub_calls, key=lambda s: s["end"])
-    return records, [[j for j, t in enumerate(records) if t["end"] < s["start"]] for s in records]
-
-
-def heaviest_chain(weights, after):
-    """Positions of one heaviest chain of calls, each waiting for the one before.
-
-    weights[i]: call i's own latency; after[i]: the positions of the calls that call i waited
-    for, all before i. Calls that did not wait for each other ran concurrently, so only the
-    heaviest chain counts: a loop of sequential calls adds up, a gather takes the maximum.
-    """
-    best, back = [], []  # best[i]: the heaviest chain that ends with call i; back[i]: the call before it
-    for weight, before in zip(weights, after):
-        j = max(before, key=lambda j: best[j], default=None)
-        best.append(weight + (best[j] if j is not None else 0))
-        back.append(j)
-    i = max(range(len(best)), key=lambda i: best[i], default=None)
-    chain = []
-    while i is not None:
-        chain.append(i)
-        i = back[i]
-    return chain[::-1]
-
-
-def longest_chain(weights, after):
-    """The latency a turn's sub-calls add: the weight of heaviest_chain."""
-    return sum(weights[i] for i in heaviest_chain(weights, after))
-
-
-def _finish_cost(call, calls):
-    """Fill call.cost from its own tokens and its children's (already finished) costs."""
-    children = [c for c in calls if c.parent == call.id]
-    cost = Cost(prompt_tokens=sum(call.prompt_lengths), generated_tokens=sum(call.sampled_mask),
-                depth=call.depth, wall_seconds=call.ended - call.started)
-    cost.critical_path_tokens = cost.generated_tokens
-    for turn in call.turns:  # each turn's sub-calls end before the next turn starts: turns add up
-        records, after = dependencies(turn["sub_calls"])
-        cost.critical_path_tokens += longest_chain([calls[s["call"]].cost.critical_path_tokens for s in records], after)
-        for s in turn["sub_calls"]:
-            cost.sub_calls[s["fn"]] += 1
-    for child in children:
-        cost.prompt_tokens += child.cost.prompt_tokens
-        cost.generated_tokens += child.cost.generated_tokens
-        cost.depth = max(cost.depth, child.cost.depth)
-        for k, v in child.cost.sub_calls.items():
-            cost.sub_calls[k] += v
-    call.cost = cost
-
-
-# -----------------------------------------------------------------------------
-# Showing a rollout
-
-
-def format_rollout(rollout, max_chars=600):
-    def cut(text):
-        text = str(text)
-        return text if len(text) <= max_chars else text[: max_chars // 2] + " [...] " + text[-max_chars // 2:]
-
-    lines = []
-    for call in rollout.calls:
-        pad = "  " * call.depth
-        c = call.cost
-        lines.append(f"{pad}#{call.id} {call.kind} depth={call.depth} parent={call.parent} "
-                     f"gen={c.generated_tokens} prompt={c.prompt_tokens} critical={c.critical_path_tokens} "
-                     f"{c.wall_seconds:.1f}s :: {cut(call.query)!r}")
-        for i, turn in enumerate(call.turns):
-            if call.kind != "llm_query":
-                lines.append(f"{pad}  turn {i}: reply: {cut(turn['reply'])!r}")
-                for s in turn["sub_calls"]:
-                    lines.append(f"{pad}    -> {s['fn']} #{s['call']}")
-                if turn["observation"] is not None:
-                    lines.append(f"{pad}    observation: {cut(turn['observation'])!r}")
-        lines.append(f"{pad}  answer: {call.answer!r}")
-    c = rollout.cost
-    lines.append(f"total: generated={c.generated_tokens} prompt={c.prompt_tokens} sub_calls={c.sub_calls} "
-                 f"depth={c.depth} critical_path={c.critical_path_tokens} wall={c.wall_seconds:.1f}s")
-    lines.append(f"answer: {rollout.answer!r}")
-    return "\n".join(lines)
 
 
 def main():

@@ -410,7 +410,7 @@ class Demonstration:
     seed: int
     strategy: str
     correctness: float
-    rollout: object  # rlm.Rollout
+    rollout: object  # trace.Rollout
 
 
 async def demonstrate(policy, task, strategy, rlm_settings, seed):
@@ -461,7 +461,7 @@ def main():
     import argparse
 
     from lora import load_policy
-    from rlm import format_rollout
+    from trace import format_rollout
 
     parser = argparse.ArgumentParser(description="Print one teacher demonstration.")
     parser.add_argument("--family", default="niah", choices=list(STRATEGIES))

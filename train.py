@@ -54,9 +54,10 @@ from grpo import (build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_
                   token_budget_norm, unsolved_fraction, zero_spread_fraction)
 from lora import load_policy
 from reward import RewardConfig, reward_for
-from rlm import RLM, Batcher, write_jsonl
+from rlm import RLM, Batcher
 from tasks import FAMILIES, make_task, task_seed
 from teacher import STRATEGIES, make_demonstrations
+from trace import write_jsonl
 from view import write_html
 
 # --- defaults (CPU-sized) ---------------------------------------------------------

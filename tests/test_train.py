@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import train
 from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
-from rlm import RLM, Batcher, Call, Cost, Rollout
+from rlm import RLM, Batcher
+from trace import Call, Cost, Rollout
 
 # Two warm-start steps (one demonstration of each of niah's 5 strategies, 3 to a step), then 2 RL steps.
 TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--families", "niah", "--lengths", "2000",
