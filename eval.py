@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from reward import RewardConfig, compute_reward
-from rlm import RLM, Batcher, strip_eos
+from rlm import BUDGETS, RLM, Batcher, default_budgets, strip_eos
 from tasks import FAMILIES, cheap_answers, load_jsonl, make_suite, score
 from trace import Cost, dependencies
 
@@ -45,9 +45,9 @@ METHODS = {
 }
 TEACHER = "teacher"  # one more method: the scripted teacher of teacher.py, one strategy per task, uniform
 
-# RLM settings for evaluation; train.py passes its own
-# CPU-sized, so that `python eval.py` takes minutes; raise them on a GPU.
-DEFAULT_RLM = dict(max_depth=2, max_turns=2, max_new_tokens=128, max_sub_calls=8, max_generated_tokens=768)
+# RLM settings for evaluation: the CPU preset, as train.py's (which passes its own); `python eval.py`
+# takes the preset of its machine (rlm.default_budgets).
+DEFAULT_RLM = BUDGETS["cpu"]
 
 
 @dataclass
@@ -116,7 +116,7 @@ async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_
     from tqdm import tqdm
 
     rlm_settings = {**DEFAULT_RLM, **(rlm_settings or {})}
-    reward_config = reward_config or RewardConfig()
+    reward_config = reward_config or RewardConfig.for_rollouts(rlm_settings["max_generated_tokens"])
     unknown = [m for m in methods if m not in METHODS and m != TEACHER]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS) + [TEACHER]}")
@@ -289,9 +289,9 @@ def main():
     parser.add_argument("--start", type=int, default=0, help="index of the first task in the split (>= 0)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead")
-    parser.add_argument("--max-turns", type=int, default=DEFAULT_RLM["max_turns"])
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_RLM["max_new_tokens"])
-    parser.add_argument("--max-generated-tokens", type=int, default=DEFAULT_RLM["max_generated_tokens"])
+    for name in ("max_turns", "max_new_tokens", "max_generated_tokens"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"default: {BUDGETS['cpu'][name]} on CPU, {BUDGETS['gpu'][name]} on GPU (rlm.BUDGETS)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--out", default="out/eval.json")
     parser.add_argument("--traces", default=None,
@@ -308,8 +308,7 @@ def main():
     else:
         tasks_by_length = held_out_suite(args.tasks.split(","), [int(x) for x in args.lengths.split(",")],
                                          args.n, split=args.split, start=args.start)
-    settings = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                    max_generated_tokens=args.max_generated_tokens)
+    settings = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in default_budgets().items()}
     runs = [(name, folder or None, methods, tasks_by_length) for name, _, folder in
             (item.partition("=") for item in args.adapters.split(","))] if args.adapters else \
         [("base" if args.adapter is None else args.adapter, args.adapter, methods, tasks_by_length)]

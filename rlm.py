@@ -46,11 +46,58 @@ import re
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from repl import REPL
 from trace import Call, Rollout, finish_costs, format_rollout, write_jsonl
 
 CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL)
+
+
+class SamplingPolicy(Protocol):
+    """What the loop needs of a policy. lora.Policy is the real one; teacher.TeacherPolicy (scripted
+    strategies), tests/scripted.py's ScriptedPolicy (canned replies) and bench.py's wrappers play its
+    part with the same methods, so every one of them runs through the same RLM and Batcher.
+
+    Token-in, token-out: the loop builds each call's conversation as chat_ids(first messages), then
+    for each turn the sampled ids and followup_ids(observation, ...), never re-tokenizing text.
+    """
+
+    eos_token_ids: list  # ids that end a reply; a sample's last id is one of them when it stopped
+
+    def chat_ids(self, messages: list) -> list:
+        """[{"role", "content"}, ...] -> prompt ids, ending with the assistant's generation prompt."""
+
+    def followup_ids(self, user_text: str, ended_with_eos: bool) -> list:
+        """Ids that follow a sampled reply: its end-of-turn if it had none, a user turn, a new assistant prompt."""
+
+    def decode(self, ids: list) -> str:
+        """Text of ids (special tokens left out)."""
+
+    def sample(self, prompts: list, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None,
+               seeds=None) -> list:
+        """One sample per prompt, each with .token_ids, .logprobs (of each sampled id, as drawn) and
+        .finish_reason ("stop" or "length"). seeds[i], when given, fixes sample i's randomness alone,
+        whatever else is in the batch."""
+
+
+# The rollout budgets of a run, defined once: train.py, eval.py, teacher.py and `python rlm.py` start
+# from these (each lets a flag change a value). The CPU preset is sized for minutes on 2 cores, the GPU
+# one for longer contexts and more sub-calls. reward.RewardConfig.for_rollouts sizes the reward's cost
+# and latency budgets from max_generated_tokens, so its penalties span their range on either preset.
+BUDGETS = {
+    "cpu": dict(max_depth=2, max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=1024,
+                max_call_tokens=8192),  # a reply: the teacher's longest is about 150 tokens
+    "gpu": dict(max_depth=2, max_turns=4, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=2048,
+                max_call_tokens=8192),
+}
+
+
+def default_budgets():
+    """The preset for this machine: BUDGETS["gpu"] when CUDA is available, else BUDGETS["cpu"]."""
+    import torch  # only here: the loop itself needs no torch
+
+    return dict(BUDGETS["gpu" if torch.cuda.is_available() else "cpu"])
 
 
 class BudgetExhausted(RuntimeError):
@@ -72,7 +119,7 @@ class _Request:
 class Batcher:
     """Turns concurrent `await batcher.sample(ids, n)` requests into batched policy.sample calls."""
 
-    def __init__(self, policy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01,
+    def __init__(self, policy: SamplingPolicy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01,
                  max_batch_tokens=16384):
         self.policy = policy
         self.max_batch_size = max_batch_size
@@ -481,17 +528,13 @@ def _in_tree_order(calls, paths):
 
 
 def main():
-    # Budgets of one run: on CPU sized so that a first run on a long file ends in about two minutes
-    # on 2 cores; a GPU gets the larger ones, as in train.py. Flags you give win over both.
-    # max_call_tokens bounds a sub-call's prompt too: prefilling 8k tokens takes tens of seconds on CPU.
-    cpu_budgets = dict(max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=512, max_call_tokens=4096)
-    gpu_budgets = dict(max_turns=6, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=4096, max_call_tokens=8192)
+    # The budgets of BUDGETS for this machine (as train.py's); flags you give win over them.
+    cpu_budgets, gpu_budgets = BUDGETS["cpu"], BUDGETS["gpu"]
     parser = argparse.ArgumentParser(description="Run one RLM on a text file and print its call tree.")
     parser.add_argument("--query", required=True)
     parser.add_argument("--context", required=True, help="path of a text file: the long input")
     parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder, e.g. out/train/adapter")
-    parser.add_argument("--max-depth", type=int, default=2)
     for name in cpu_budgets:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default: {cpu_budgets[name]} on CPU, {gpu_budgets[name]} on GPU")
@@ -501,20 +544,18 @@ def main():
     parser.add_argument("--html", default=None, help="write the rollout as a self-contained page here (view.py)")
     args = parser.parse_args()
 
-    import torch
     from tqdm import tqdm
 
     from lora import load_policy
 
-    budgets = gpu_budgets if torch.cuda.is_available() else cpu_budgets
-    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in budgets.items()}
+    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in default_budgets().items()}
     with open(args.context, encoding="utf-8", errors="replace") as f:
         context = f.read()
     print(f"loading the policy ({args.model or 'SmolLM2-135M-Instruct'})...", flush=True)
     policy = load_policy(args.model, adapter=args.adapter)
     bar = tqdm(total=budgets["max_generated_tokens"], desc="generated tokens (budget)", unit="tok")
-    rlm = RLM(Batcher(policy, temperature=args.temperature), max_depth=args.max_depth, allow_async=not args.sync,
-              on_sample=bar.update, **budgets)
+    rlm = RLM(Batcher(policy, temperature=args.temperature), allow_async=not args.sync, on_sample=bar.update,
+              **budgets)
     rollout = asyncio.run(rlm.run(args.query, context))
     bar.close()
     print(format_rollout(rollout))

@@ -60,7 +60,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from rlm import RLM, Batcher, system_prompt
+from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
 from tasks import AGGREGATE_TEXTS, make_task, score, task_seed
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
@@ -110,7 +110,7 @@ class TeacherSample:  # what Policy.sample returns, field for field
 
 
 class TeacherPolicy:
-    """The policy's interface with scripted replies; tokenizer and template from `policy`."""
+    """rlm.SamplingPolicy with scripted replies; tokenizer and template from `policy`."""
 
     def __init__(self, policy, strategy):
         self.policy, self.strategy = policy, strategy
@@ -434,7 +434,7 @@ def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_set
     """per_strategy correct demonstrations of every strategy of every family, each on its own task
     (from the "demo" split of tasks.task_seed, which no evaluation draws from). Balanced: a strategy whose
     rollout fails on a task is retried on the next task, so each gets the same count."""
-    rlm_settings = rlm_settings or {}
+    rlm_settings = rlm_settings or BUDGETS["cpu"]
     demos = []
     for family in families:
         for s_index, strategy in enumerate(STRATEGIES[family]):
@@ -471,7 +471,7 @@ def main():
     args = parser.parse_args()
     policy = load_policy()  # for its tokenizer and chat template; the model itself is not run
     demo = asyncio.run(demonstrate(policy, make_task(args.family, args.length, seed=args.seed), args.strategy,
-                                   dict(max_new_tokens=256, max_generated_tokens=2048), args.seed))
+                                   default_budgets(), args.seed))
     print(format_rollout(demo.rollout, max_chars=2000))
     print(f"correctness: {demo.correctness}")
 

@@ -306,6 +306,36 @@ def load(path):
     return [d for d in lines if "calls" in d or "answer" in d or "trace" in d]  # not train.py's summary lines
 
 
+# -----------------------------------------------------------------------------
+# Training curves (a PNG, beside the pages)
+
+
+def plot_curves(metrics, path):
+    """Training curves from metrics.jsonl lines (train.py's): warm-start NLL, then RL reward, accuracy and costs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    warm = [m for m in metrics if m.get("phase") == "warm"]
+    rl = [m for m in metrics if m.get("phase", "rl") == "rl"]
+    panels = [("warm start: NLL per token", warm, "nll"), ("RL: reward", rl, "reward"),
+              ("RL: accuracy", rl, "accuracy"), ("RL: generated tokens", rl, "generated_tokens"),
+              ("RL: prompt tokens", rl, "prompt_tokens"), ("RL: critical path (tokens)", rl, "critical_path")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, ms, key) in zip(axes.flat, panels):
+        ax.plot([m["step"] for m in ms], [m[key] for m in ms], marker=".")
+        if not ms:  # e.g. RL from --init_adapter has no warm start
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    os.replace(path + ".tmp.png", path)  # a later run reads it whole or not at all
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="traces files: .jsonl of rollouts or records, or eval.py's .json")
