@@ -179,8 +179,8 @@ class Row:
     loss_mask: list[int]
     advantage: float
     rollout_index: int
-    kind: str = "root"
-    depth: int = 0
+    kind: str = "root"  # kind and depth: which call the row came from, for a reader inspecting rows
+    depth: int = 0      # (the loss treats every call alike; tests check rows come from every call)
 
 
 def build_rows(rollouts, advantages_N, skip_zero_advantage=False):
@@ -217,7 +217,7 @@ class Batch:
     attention_mask_BT: torch.Tensor  # long, 1 on real tokens
     loss_mask_BT: torch.Tensor       # bool, True on sampled tokens (never on padding or position 0)
     advantages_B: torch.Tensor       # float32
-    rollout_index_B: torch.Tensor    # long
+    rollout_index_B: torch.Tensor    # long; which rollout each row is of (for inspection; the loss needs none)
     old_logprobs_BT: torch.Tensor | None = None
     ref_logprobs_BT: torch.Tensor | None = None
 

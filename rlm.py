@@ -129,7 +129,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.temperature, self.top_p = temperature, top_p
         self.gather_window = gather_window  # seconds to wait so concurrent requests join one batch
-        self.n_requests = 0
+        self.n_requests = 0  # counters for tests and benchmarks: how many requests went into how many batches
         self.n_sampling_calls = 0
         self._queue = []
         self._worker = None
