@@ -564,29 +564,26 @@ def bench_merge(policy, bf16_policy, new_tokens, repeats):
 
 
 def bench_train(policy, train_argv):
+    """train.rl_step as train.py runs its first RL step, timed in its two parts."""
     import train
-    from reward import RewardConfig, reward_for
 
     cfg = train.parse_config(train_argv)
     params = policy.trainable_parameters()
     saved = [p.detach().clone() for p in params]  # the step changes the adapter; put it back afterwards
     torch.manual_seed(cfg["seed"] * 100_003)
-    step_tasks = train.step_tasks(cfg, 0, train.ints(cfg["lengths"])[:1])  # the curriculum's first stage
     rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **train.rlm_settings(cfg))
-    t0 = time.perf_counter()
-    rollouts = asyncio.run(train.collect(rlm, step_tasks, seed=cfg["seed"] * 100_003))
-    t1 = time.perf_counter()
-    reward_config = RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
-    rewards = [reward_for(task, r, reward_config)["reward"] for task, r in zip(step_tasks, rollouts)]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    metrics = train.update(policy, optimizer, rollouts, train.group_advantages(rewards, cfg["group_size"]), cfg)
-    t2 = time.perf_counter()
+    reward_config = train.reward_settings(cfg)
+    optimizer = train.new_optimizer(policy, cfg, "rl")
+    lengths = train.ints(cfg["lengths"])[:1]  # the curriculum's first stage
+    metrics = train.rl_step(policy, optimizer, rlm, reward_config, cfg, 0, lengths, record=lambda *_: None)
     with torch.no_grad():
         for p, s in zip(params, saved):
             p.copy_(s)
-    rollout_s, update_s, step_s = t1 - t0, t2 - t1, t2 - t0
-    generated = sum(r.cost.generated_tokens for r in rollouts)
-    return [row("train", f"rollouts ({len(rollouts)}, {generated} generated tokens)", measured=f"{rollout_s:.1f} s",
+    rollout_s, update_s = metrics["rollout_seconds"], metrics["update_seconds"]
+    step_s = rollout_s + update_s
+    n_rollouts = cfg["tasks_per_step"] * cfg["group_size"]
+    generated = round(metrics["generated_tokens"] * n_rollouts)
+    return [row("train", f"rollouts ({n_rollouts}, {generated} generated tokens)", measured=f"{rollout_s:.1f} s",
                 baseline=f"whole step {step_s:.1f} s", ratio=rollout_s / step_s, seconds=rollout_s,
                 generated_tokens=generated),
             row("train", f"update ({metrics['train_rows']} rows, {metrics['train_tokens']} trained tokens)",

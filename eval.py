@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 from checks import InputError, adapter_folder, at_least, int_list, read_text, refuse, writable
 from reward import RewardConfig, compute_reward
-from rlm import RLM, Batcher, Cost, dependencies, strip_eos
+from rlm import BUDGETS, RLM, Batcher, default_budgets, strip_eos
 from tasks import FAMILIES, cheap_answers, load_jsonl, make_suite, score
+from trace import Cost, dependencies
 
 METHODS = {
     "rlm": dict(allow_async=True, allow_rlm_query=True),
@@ -46,9 +47,9 @@ METHODS = {
 }
 TEACHER = "teacher"  # one more method: the scripted teacher of teacher.py, one strategy per task, uniform
 
-# RLM settings for evaluation; train.py passes its own
-# CPU-sized, so that `python eval.py` takes minutes; raise them on a GPU.
-DEFAULT_RLM = dict(max_depth=2, max_turns=2, max_new_tokens=128, max_sub_calls=8, max_generated_tokens=768)
+# RLM settings for evaluation: the CPU preset, as train.py's (which passes its own); `python eval.py`
+# takes the preset of its machine (rlm.default_budgets).
+DEFAULT_RLM = BUDGETS["cpu"]
 
 
 @dataclass
@@ -130,7 +131,7 @@ async def evaluate(batcher, tasks_by_length, methods, rlm_settings=None, reward_
     from tqdm import tqdm
 
     rlm_settings = {**DEFAULT_RLM, **(rlm_settings or {})}
-    reward_config = reward_config or RewardConfig()
+    reward_config = reward_config or RewardConfig.for_rollouts(rlm_settings["max_generated_tokens"])
     unknown = [m for m in methods if m not in METHODS and m != TEACHER]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS) + [TEACHER]}")
@@ -207,7 +208,7 @@ def summarize(records):
 
 def strategy_profile(rollout):
     """How a rollout went about it: root turns, sub-calls, and how many of them ran concurrently
-    with another sub-call of the same turn (neither waited for the other, by rlm.dependencies).
+    with another sub-call of the same turn (neither waited for the other, by trace.dependencies).
     None (the direct baseline): one turn, nothing else."""
     if rollout is None:
         return {"turns": 1, "sub_calls": 0, "concurrent": 0}
@@ -316,12 +317,12 @@ def parse_args(argv=None):
                         help=f"comma-separated, from {','.join(list(METHODS) + [TEACHER])}")
     parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead "
                         '(one {"context", "question", "answer"} object a line, UTF-8)')
-    parser.add_argument("--max-turns", type=int, default=DEFAULT_RLM["max_turns"],
-                        help="turns before the last one, at least 0")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_RLM["max_new_tokens"],
-                        help="tokens a reply, at least 1")
-    parser.add_argument("--max-generated-tokens", type=int, default=DEFAULT_RLM["max_generated_tokens"],
-                        help="tokens a rollout, at least 1")
+    for name, what in (("max_turns", "turns before the last one, at least 0"),
+                       ("max_new_tokens", "tokens a reply, at least 1"),
+                       ("max_generated_tokens", "tokens a rollout, at least 1")):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"{what}; default: {BUDGETS['cpu'][name]} on CPU, {BUDGETS['gpu'][name]} on GPU "
+                                 "(rlm.BUDGETS)")
     parser.add_argument("--temperature", type=float, default=0.0, help="at least 0; 0 is greedy")
     parser.add_argument("--out", default="out/eval.json", help="the results, as JSON (not an input file)")
     parser.add_argument("--traces", default=None,
@@ -338,9 +339,10 @@ def plan(args):
     lengths, lengths_problem = int_list("--lengths", args.lengths, low=1)
     refuse("eval.py", [
         at_least("--n", args.n, 1), at_least("--baselines", args.baselines, 0),
-        at_least("--temperature", args.temperature, 0), at_least("--max-turns", args.max_turns, 0),
-        at_least("--max-new-tokens", args.max_new_tokens, 1),
-        at_least("--max-generated-tokens", args.max_generated_tokens, 1),
+        at_least("--temperature", args.temperature, 0),
+        args.max_turns is not None and at_least("--max-turns", args.max_turns, 0),
+        args.max_new_tokens is not None and at_least("--max-new-tokens", args.max_new_tokens, 1),
+        args.max_generated_tokens is not None and at_least("--max-generated-tokens", args.max_generated_tokens, 1),
         unknown and f"unknown --methods {','.join(unknown)}; choose from {','.join(list(METHODS) + [TEACHER])}",
         not args.jsonl and any(f not in FAMILIES for f in families)
         and f"unknown --tasks {args.tasks!r}; choose from {','.join(FAMILIES)}",
@@ -416,8 +418,7 @@ def main(argv=None):
 
     from lora import load_policy
 
-    settings = dict(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                    max_generated_tokens=args.max_generated_tokens)
+    settings = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in default_budgets().items()}
     floor = floor_rows(runs[-1][3]) if runs else []   # every run's tasks are the main suite or its first ones
     records = []
     for name, folder, run_methods, suite in runs:

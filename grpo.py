@@ -1,6 +1,6 @@
 """
 Dr. GRPO: group-relative advantages and a clipped policy-gradient loss, as pure
-functions, plus the step that turns rollout traces into masked token batches.
+functions; traces (trace.py) turned into masked token batches; and grpo_step, the update.
 
 For each task we sample a group of G rollouts and score them, rewards r_1..r_G.
 
@@ -11,17 +11,14 @@ For each task we sample a group of G rollouts and score them, rewards r_1..r_G.
     loss    = sum over every sampled token t of every call of every rollout i
               of (pg_t + beta * kl_t), divided by N_rollouts * token_budget
 
-Usage (what train.py does with it):
+Usage (train.py's RL step; the warm start is the same call with every advantage 1):
 
-    advantages_N = group_advantages(rewards_N, group_size)
-    rows = build_rows(rollouts, advantages_N, skip_zero_advantage=True)
-    norm = token_budget_norm(len(rollouts), rollouts[0].max_generated_tokens)
-    for batch in micro_batches(rows, max_tokens=8192, pad_id=pad_id):
-        batch.old_logprobs_BT = ...  # scored before the update, no grad
-        logprobs_BT = policy.logprobs(batch.input_ids_BT, batch.attention_mask_BT, batch.loss_mask_BT)
-        dr_grpo_loss(logprobs_BT, batch.old_logprobs_BT, batch.advantages_B,
-                     batch.loss_mask_BT, norm).backward()   # grads add up to the full-batch loss's
-    optimizer.step()
+    advantages_N = group_advantages(rewards_N, group_size, correctness_N=correctness_N)
+    stats = grpo_step(policy, optimizer, rollouts, advantages_N, temperature=0.4,
+                      max_generated_tokens=1024, micro_batch_tokens=4096)
+
+grpo_step is the only place the step is written: rows from traces (build_rows), padded
+micro-batches (micro_batches), scoring, the loss, accumulation, clipping, the optimizer.
 
 Deliberate simplifications, one line each:
 - No division by the group's reward std (Dr. GRPO): it would up-weight groups that are almost all right or all wrong.
@@ -29,12 +26,15 @@ Deliberate simplifications, one line each:
 - Every call in a rollout's tree (root, child RLMs, plain sub-calls) gets the root's advantage: no per-call credit.
 - Groups with no reward spread give no policy gradient; we log their share instead of resampling them away.
 - The KL term is off by default (beta=0); when on it uses the k3 estimator against the base model.
-- With one update per batch the ratio is 1 and clipping never fires; it is kept for several updates per batch.
+- With one update per batch the ratio is 1 and clipping never fires; with epochs > 1 the ratio is against the
+  scorer before the update (not the sampler's log-probs), and clipping bounds how far later epochs move.
 - No entropy bonus, no value function, no reward whitening across the batch.
 """
 from dataclasses import dataclass
 
 import torch
+
+import dist
 
 
 def _groups(rewards_N, group_size):
@@ -181,8 +181,8 @@ class Row:
     loss_mask: list[int]
     advantage: float
     rollout_index: int
-    kind: str = "root"
-    depth: int = 0
+    kind: str = "root"  # kind and depth: which call the row came from, for a reader inspecting rows
+    depth: int = 0      # (the loss treats every call alike; tests check rows come from every call)
 
 
 def build_rows(rollouts, advantages_N, skip_zero_advantage=False):
@@ -219,7 +219,7 @@ class Batch:
     attention_mask_BT: torch.Tensor  # long, 1 on real tokens
     loss_mask_BT: torch.Tensor       # bool, True on sampled tokens (never on padding or position 0)
     advantages_B: torch.Tensor       # float32
-    rollout_index_B: torch.Tensor    # long
+    rollout_index_B: torch.Tensor    # long; which rollout each row is of (for inspection; the loss needs none)
     old_logprobs_BT: torch.Tensor | None = None
     ref_logprobs_BT: torch.Tensor | None = None
 
@@ -260,3 +260,72 @@ def _pad(rows, pad_id):
     advantages_B = torch.tensor([row.advantage for row in rows], dtype=torch.float32)
     rollout_index_B = torch.tensor([row.rollout_index for row in rows], dtype=torch.long)
     return Batch(input_ids_BT, attention_mask_BT, loss_mask_BT, advantages_B, rollout_index_B)
+
+
+# -----------------------------------------------------------------------------
+# The step: rollouts and advantages in, one optimizer step (per epoch) out
+
+
+def grpo_step(policy, optimizer, rollouts, advantages_N, *, temperature, max_generated_tokens, micro_batch_tokens,
+              epochs=1, eps_low=0.2, eps_high=0.28, beta=0.0, grad_clip=1.0):
+    """The Dr. GRPO update on one batch of rollouts, one advantage each. -> what is worth logging.
+
+        advantages_N = group_advantages(rewards_N, group_size, correctness_N=correctness_N)
+        stats = grpo_step(policy, optimizer, rollouts, advantages_N, temperature=0.4,
+                          max_generated_tokens=1024, micro_batch_tokens=4096)
+        stats["grad_norm"], stats["clip_fraction"], stats["train_rows"], stats["nll"]
+
+    Every call of every rollout becomes a row (build_rows); rows are padded into micro-batches
+    of at most micro_batch_tokens (micro_batches), each scored and back-propagated in turn: the
+    loss's constant norm (token_budget_norm) makes the accumulated gradient the full batch's.
+    Then the gradient is clipped to grad_clip and the optimizer steps, epochs times.
+
+    temperature: what the log-probs are scored at: the sampling temperature for RL (the policy
+    that sampled), 1 for behaviour cloning (plain NLL). max_generated_tokens: the rollouts' token
+    budget, the loss's normaliser. beta > 0 adds the k3 KL to the base model (a reference pass
+    with the adapter off); at 0 rows with advantage 0 are skipped, their gradient being 0.
+
+    The ratio's reference ("old") is the same scorer before the update, not the log-probs the
+    sampler recorded: those come from another computation (bf16 on a GPU, other rows padded
+    alongside, none at all from the teacher), so a ratio against them would clip on rounding.
+    With epochs=1 old is the current score (ratio 1, nothing clips, no extra pass); each later
+    epoch's ratio measures how far the earlier steps moved, and the clip range bounds it.
+    """
+    policy.train_mode()
+    rows = build_rows(rollouts, advantages_N, skip_zero_advantage=beta == 0)
+    batches = micro_batches(rows, micro_batch_tokens, pad_id=policy.pad_token_id)
+    batches = [b.to(policy.device) for b in batches]
+    # Under torchrun (dist.py) every rank's rollouts count in the norm and the ranks' gradients are
+    # summed before clipping: N ranks take the step one process would take on all their rollouts.
+    # Without torchrun every dist helper returns its argument untouched.
+    norm = token_budget_norm(dist.total(len(rollouts)), max_generated_tokens)
+    params = policy.trainable_parameters()
+    score = lambda b, **kw: policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT,
+                                            temperature=temperature, **kw)
+    with torch.no_grad():
+        for b in batches:
+            # One epoch means old == current (ratio 1, same gradient): no separate pass needed.
+            b.old_logprobs_BT = score(b) if epochs > 1 else None
+            b.ref_logprobs_BT = score(b, use_adapter=False) if beta > 0 else None
+    stats, grad_norms, nll = [], [], 0.0
+    for _ in range(epochs if dist.total(len(batches)) else 0):  # a rank with no rows still joins the sum
+        optimizer.zero_grad(set_to_none=True)
+        for b in batches:  # the loss's constant norm makes accumulation exact
+            logprobs_BT = score(b)
+            old_BT = b.old_logprobs_BT if b.old_logprobs_BT is not None else logprobs_BT.detach()
+            loss = dr_grpo_loss(logprobs_BT, old_BT, b.advantages_B, b.loss_mask_BT, norm,
+                                eps_low=eps_low, eps_high=eps_high, beta=beta, ref_logprobs_BT=b.ref_logprobs_BT)
+            loss.backward()
+            nll -= float(logprobs_BT.detach()[b.loss_mask_BT].sum())
+            stats.append(loss_stats(logprobs_BT, old_BT, b.advantages_B, b.loss_mask_BT,
+                                    eps_low=eps_low, eps_high=eps_high, ref_logprobs_BT=b.ref_logprobs_BT))
+        dist.all_reduce_grads(params)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, grad_clip)))
+        optimizer.step()
+    stats = dist.gather(stats)
+    merged = merge_stats(stats) if stats else {}
+    tokens = dist.total(sum(sum(r.loss_mask) for r in rows))
+    return {"grad_norm": max(grad_norms, default=0.0), "clip_fraction": merged.get("clip_fraction", 0.0),
+            "kl": merged.get("kl"),  # against the base model, measured only when beta > 0
+            "train_rows": dist.total(len(rows)), "train_tokens": tokens,
+            "nll": dist.total(nll) / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update

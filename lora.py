@@ -186,7 +186,8 @@ class _StopOnStrings(StoppingCriteria):
 
 
 class Policy:
-    """A PEFT-wrapped causal LM and its tokenizer: chat ids, batched sampling, scoring, saving."""
+    """A PEFT-wrapped causal LM and its tokenizer: chat ids, batched sampling, scoring, saving.
+    The RLM loop needs only the part that rlm.SamplingPolicy writes down; the trainer uses the rest."""
 
     def __init__(self, model: PeftModel, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -418,6 +419,18 @@ class Policy:
 
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- training -------------------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self):
+        """Recompute activations in backward: far less memory for long rows, about 30% more time."""
+        self.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def train_mode(self):
+        """Before an update: HF checkpoints activations only in train mode, and the model may come
+        in eval mode. Train mode changes nothing else as long as dropout is 0: LoRA's is (load_policy's
+        default), and so is the attention dropout of SmolLM2 and other Llama-style configs."""
+        self.model.train()
 
 
 class ChatTokens:

@@ -19,26 +19,36 @@ The trade-off the weights express:
     memory-bound, so a generated token costs several times a prompt token in practice
     (API prices are 3-5x apart too). The default 0.25 keeps long prompts visible without
     letting them dominate, since every turn re-reads its conversation.
-  - Latency is charged along the critical path of the call tree (rlm.Cost's
+  - Latency is charged along the critical path of the call tree (trace.Cost's
     critical_path_tokens): sequential calls add up, concurrent calls count only their
     longest. Two rollouts with the same total tokens differ in latency when one ran its
     sub-calls with asyncio.gather and the other one after another, so this term is what
     teaches the policy to parallelise. It counts generated tokens, not seconds, so the
     reward does not depend on the machine or its load.
-  - Budgets are sized for rollouts that may generate a few thousand tokens
-    (rlm.RLM's max_generated_tokens=4096): a fully sequential rollout that uses its whole
-    generation budget pays the full latency penalty.
+  - The budgets follow the rollout budget they score (RewardConfig.for_rollouts, which
+    train.py, eval.py and bench.py use): latency_budget is the rollout's max_generated_tokens,
+    so a fully sequential rollout that spends its whole generation budget pays the whole
+    latency penalty; cost_budget is COST_BUDGET_PER_TOKEN (8) times it, which a rollout that
+    spends its whole budget reaches when it prefills 28 prompt tokens per generated token
+    (weighted 0.25: 7 units, plus the generated one). At its maximum each penalty is worth its
+    weight: 0.1 of a reward of 1 with the defaults, on every preset (rlm.BUDGETS). Sized for
+    a fixed 4,096 generated tokens, as they were before, a CPU rollout (1,024) could lose at
+    most 0.025 to latency. The plain RewardConfig() keeps budgets for RLM's own default of
+    4,096 generated tokens.
 
 Usage:
   from reward import RewardConfig, compute_reward, reward_for
   terms = compute_reward(1.0, rollout.cost)          # {"reward", "correctness", "cost_penalty", "latency_penalty"}
   terms = reward_for(task, rollout, RewardConfig(cost_weight=0.2, latency_weight=0.0))
+  config = RewardConfig.for_rollouts(1024, cost_weight=0.1, latency_weight=0.1)   # a CPU rollout's budgets
 """
 
 import math
 from dataclasses import dataclass
 
 import tasks
+
+COST_BUDGET_PER_TOKEN = 8  # cost_budget / the rollout's max_generated_tokens (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,14 @@ class RewardConfig:
     generated_token_weight: float = 1.0   # a sampled token
     cost_budget: float = 32_000           # weighted tokens of the whole tree at which the cost penalty is full
     latency_budget: float = 4_096         # critical-path generated tokens at which the latency penalty is full
+
+    @classmethod
+    def for_rollouts(cls, max_generated_tokens, **weights):
+        """The budgets of rollouts that may generate max_generated_tokens over their whole tree."""
+        if not max_generated_tokens >= 1:
+            raise ValueError(f"max_generated_tokens must be at least 1, got {max_generated_tokens!r}")
+        return cls(cost_budget=COST_BUDGET_PER_TOKEN * max_generated_tokens,
+                   latency_budget=max_generated_tokens, **weights)
 
     def __post_init__(self):
         for name in ("cost_weight", "latency_weight", "prompt_token_weight", "generated_token_weight"):
@@ -74,7 +92,7 @@ def weighted_tokens(cost, config=RewardConfig()):
 
 def compute_reward(correctness, cost, config=RewardConfig()):
     """Every term of the reward. cost: anything with .prompt_tokens, .generated_tokens and
-    .critical_path_tokens (rlm.Cost). correctness: tasks.score(...), in [0, 1]."""
+    .critical_path_tokens (trace.Cost). correctness: tasks.score(...), in [0, 1]."""
     correctness = float(correctness)
     if not 0.0 <= correctness <= 1.0:
         raise ValueError(f"correctness must be in [0, 1] (a tasks.score value), got {correctness}")
@@ -92,5 +110,5 @@ def compute_reward(correctness, cost, config=RewardConfig()):
 
 
 def reward_for(task, rollout, config=RewardConfig()):
-    """compute_reward for an rlm.Rollout on a tasks.Task (no answer scores 0)."""
+    """compute_reward for a trace.Rollout on a tasks.Task (no answer scores 0)."""
     return compute_reward(tasks.score(task, rollout.answer), rollout.cost, config)

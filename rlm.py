@@ -18,7 +18,8 @@ plain completion instead), synchronously or concurrently with their async twins.
 
 Every generation of every call in every concurrent rollout goes through one Batcher,
 which gathers the requests that are waiting into one batched sampling call run off the
-event loop, so REPLs keep running while the model generates.
+event loop, so REPLs keep running while the model generates. What a rollout leaves behind
+(the call tree with exact token ids, costs, the critical path, JSONL) is trace.py's.
 
 Deliberate simplifications, one line each:
 - each turn re-prefills the whole conversation (no KV cache across turns); prompt tokens are counted that way.
@@ -37,7 +38,6 @@ Deliberate simplifications, one line each:
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
@@ -46,80 +46,64 @@ import re
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 from checks import InputError, adapter_folder, at_least, read_text, refuse, writable
 from repl import REPL
+from trace import Call, Rollout, finish_costs, format_rollout, write_jsonl
 
 CODE_BLOCK = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL)
 
 
+class SamplingPolicy(Protocol):
+    """What the loop needs of a policy. lora.Policy is the real one; teacher.TeacherPolicy (scripted
+    strategies), tests/scripted.py's ScriptedPolicy (canned replies) and bench.py's wrappers play its
+    part with the same methods, so every one of them runs through the same RLM and Batcher.
+
+    Token-in, token-out: the loop builds each call's conversation as chat_ids(first messages), then
+    for each turn the sampled ids and followup_ids(observation, ...), never re-tokenizing text.
+    """
+
+    eos_token_ids: list  # ids that end a reply; a sample's last id is one of them when it stopped
+
+    def chat_ids(self, messages: list) -> list:
+        """[{"role", "content"}, ...] -> prompt ids, ending with the assistant's generation prompt."""
+
+    def followup_ids(self, user_text: str, ended_with_eos: bool) -> list:
+        """Ids that follow a sampled reply: its end-of-turn if it had none, a user turn, a new assistant prompt."""
+
+    def decode(self, ids: list) -> str:
+        """Text of ids (special tokens left out)."""
+
+    def sample(self, prompts: list, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_strings=None,
+               seeds=None) -> list:
+        """One sample per prompt, each with .token_ids, .logprobs (of each sampled id, as drawn) and
+        .finish_reason ("stop" or "length"). seeds[i], when given, fixes sample i's randomness alone,
+        whatever else is in the batch."""
+
+
+# The rollout budgets of a run, defined once: train.py, eval.py, teacher.py and `python rlm.py` start
+# from these (each lets a flag change a value). The CPU preset is sized for minutes on 2 cores, the GPU
+# one for longer contexts and more sub-calls. reward.RewardConfig.for_rollouts sizes the reward's cost
+# and latency budgets from max_generated_tokens, so its penalties span their range on either preset.
+BUDGETS = {
+    "cpu": dict(max_depth=2, max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=1024,
+                max_call_tokens=8192),  # a reply: the teacher's longest is about 150 tokens
+    "gpu": dict(max_depth=2, max_turns=4, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=2048,
+                max_call_tokens=8192),
+}
+
+
+def default_budgets():
+    """The preset for this machine: BUDGETS["gpu"] when CUDA is available, else BUDGETS["cpu"]."""
+    import torch  # only here: the loop itself needs no torch
+
+    return dict(BUDGETS["gpu" if torch.cuda.is_available() else "cpu"])
+
+
 class BudgetExhausted(RuntimeError):
     """Raised inside a rollout when a call's share of the token or sub-call budget is spent."""
-
-
-# -----------------------------------------------------------------------------
-# The trace: what a rollout leaves behind, for the reward and for training
-
-
-@dataclass
-class Cost:
-    prompt_tokens: int = 0  # tokens prefilled, summed over every sampling call of the tree
-    generated_tokens: int = 0  # tokens sampled over the tree
-    sub_calls: dict = field(default_factory=lambda: {"llm_query": 0, "rlm_query": 0})
-    depth: int = 0  # deepest call reached, the root being 0
-    critical_path_tokens: int = 0  # generated tokens along the longest chain of dependent calls
-    wall_seconds: float = 0.0
-
-
-@dataclass
-class Call:
-    """One node of the call tree: its whole conversation as exact token ids."""
-
-    id: int
-    parent: int | None
-    kind: str  # "root", "rlm_query" or "llm_query"
-    depth: int
-    query: str
-    token_ids: list = field(default_factory=list)
-    sampled_mask: list = field(default_factory=list)  # 1 where the policy sampled the token
-    sampling_logprobs: list = field(default_factory=list)  # aligned with token_ids, 0.0 where not sampled
-    prompt_lengths: list = field(default_factory=list)  # len(token_ids) at each sampling call
-    turns: list = field(default_factory=list)  # readable: reply, code, observation, sub-calls
-    answer: str | None = None
-    cost: Cost = field(default_factory=Cost)
-    started: float = 0.0
-    ended: float = 0.0
-
-    def append(self, ids, sampled, logprobs=None):
-        self.token_ids += ids
-        self.sampled_mask += [int(sampled)] * len(ids)
-        self.sampling_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
-
-
-@dataclass
-class Rollout:
-    query: str
-    answer: str | None
-    calls: list  # calls[0] is the root; a child's parent is an index into this list
-    cost: Cost
-    max_generated_tokens: int
-
-
-def write_jsonl(rollouts, path, mode="w"):
-    with open(path, mode) as f:
-        for rollout in rollouts:
-            f.write(json.dumps(dataclasses.asdict(rollout)) + "\n")
-
-
-def read_jsonl(path):
-    rollouts = []
-    with open(path) as f:
-        for line in f:
-            d = json.loads(line)
-            calls = [Call(**{**c, "cost": Cost(**c["cost"])}) for c in d["calls"]]
-            rollouts.append(Rollout(**{**d, "calls": calls, "cost": Cost(**d["cost"])}))
-    return rollouts
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +121,7 @@ class _Request:
 class Batcher:
     """Turns concurrent `await batcher.sample(ids, n)` requests into batched policy.sample calls."""
 
-    def __init__(self, policy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01,
+    def __init__(self, policy: SamplingPolicy, max_batch_size=64, temperature=1.0, top_p=1.0, gather_window=0.01,
                  max_batch_tokens=16384):
         self.policy = policy
         self.max_batch_size = max_batch_size
@@ -147,7 +131,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.temperature, self.top_p = temperature, top_p
         self.gather_window = gather_window  # seconds to wait so concurrent requests join one batch
-        self.n_requests = 0
+        self.n_requests = 0  # counters for tests and benchmarks: how many requests went into how many batches
         self.n_sampling_calls = 0
         self._queue = []
         self._worker = None
@@ -344,8 +328,7 @@ class RLM:
         state.budgets[root.id] = _Budget(self.max_generated_tokens, self.max_sub_calls)
         answer = await self._rlm_call(state, root, context)
         calls = _in_tree_order(state.calls, state.paths)
-        for call in reversed(calls):  # children come after their parents
-            _finish_cost(call, calls)
+        finish_costs(calls)
         return Rollout(query, answer, calls, calls[0].cost, self.max_generated_tokens)
 
     # --- one generation, within the call's budget
@@ -546,118 +529,22 @@ def _in_tree_order(calls, paths):
     return ordered
 
 
-def dependencies(sub_calls):
-    """One turn's sub-call records, each after those it waited for, and for each the positions
-    (in that order) of those it waited for. -> (records, after).
-
-    A sub-call waited for the ones in its "after": their replies had reached the code before it
-    asked (or it was served after them). That is fixed by the code alone, so concurrent calls stay
-    concurrent however fast each one was. Traces written before "after" existed fall back to the
-    logical clock: a sub-call waited for those that ended before it started.
-    """
-    if all("after" in s for s in sub_calls):
-        records = sorted(sub_calls, key=lambda s: s["call"])  # call ids follow the order asked
-        position = {s["call"]: i for i, s in enumerate(records)}
-        return records, [[position[a] for a in s["after"] if a in position] for s in records]
-    records = sorted(sub_calls, key=lambda s: s["end"])
-    return records, [[j for j, t in enumerate(records) if t["end"] < s["start"]] for s in records]
-
-
-def heaviest_chain(weights, after):
-    """Positions of one heaviest chain of calls, each waiting for the one before.
-
-    weights[i]: call i's own latency; after[i]: the positions of the calls that call i waited
-    for, all before i. Calls that did not wait for each other ran concurrently, so only the
-    heaviest chain counts: a loop of sequential calls adds up, a gather takes the maximum.
-    """
-    best, back = [], []  # best[i]: the heaviest chain that ends with call i; back[i]: the call before it
-    for weight, before in zip(weights, after):
-        j = max(before, key=lambda j: best[j], default=None)
-        best.append(weight + (best[j] if j is not None else 0))
-        back.append(j)
-    i = max(range(len(best)), key=lambda i: best[i], default=None)
-    chain = []
-    while i is not None:
-        chain.append(i)
-        i = back[i]
-    return chain[::-1]
-
-
-def longest_chain(weights, after):
-    """The latency a turn's sub-calls add: the weight of heaviest_chain."""
-    return sum(weights[i] for i in heaviest_chain(weights, after))
-
-
-def _finish_cost(call, calls):
-    """Fill call.cost from its own tokens and its children's (already finished) costs."""
-    children = [c for c in calls if c.parent == call.id]
-    cost = Cost(prompt_tokens=sum(call.prompt_lengths), generated_tokens=sum(call.sampled_mask),
-                depth=call.depth, wall_seconds=call.ended - call.started)
-    cost.critical_path_tokens = cost.generated_tokens
-    for turn in call.turns:  # each turn's sub-calls end before the next turn starts: turns add up
-        records, after = dependencies(turn["sub_calls"])
-        cost.critical_path_tokens += longest_chain([calls[s["call"]].cost.critical_path_tokens for s in records], after)
-        for s in turn["sub_calls"]:
-            cost.sub_calls[s["fn"]] += 1
-    for child in children:
-        cost.prompt_tokens += child.cost.prompt_tokens
-        cost.generated_tokens += child.cost.generated_tokens
-        cost.depth = max(cost.depth, child.cost.depth)
-        for k, v in child.cost.sub_calls.items():
-            cost.sub_calls[k] += v
-    call.cost = cost
-
-
-# -----------------------------------------------------------------------------
-# Showing a rollout
-
-
-def format_rollout(rollout, max_chars=600):
-    def cut(text):
-        text = str(text)
-        return text if len(text) <= max_chars else text[: max_chars // 2] + " [...] " + text[-max_chars // 2:]
-
-    lines = []
-    for call in rollout.calls:
-        pad = "  " * call.depth
-        c = call.cost
-        lines.append(f"{pad}#{call.id} {call.kind} depth={call.depth} parent={call.parent} "
-                     f"gen={c.generated_tokens} prompt={c.prompt_tokens} critical={c.critical_path_tokens} "
-                     f"{c.wall_seconds:.1f}s :: {cut(call.query)!r}")
-        for i, turn in enumerate(call.turns):
-            if call.kind != "llm_query":
-                lines.append(f"{pad}  turn {i}: reply: {cut(turn['reply'])!r}")
-                for s in turn["sub_calls"]:
-                    lines.append(f"{pad}    -> {s['fn']} #{s['call']}")
-                if turn["observation"] is not None:
-                    lines.append(f"{pad}    observation: {cut(turn['observation'])!r}")
-        lines.append(f"{pad}  answer: {call.answer!r}")
-    c = rollout.cost
-    lines.append(f"total: generated={c.generated_tokens} prompt={c.prompt_tokens} sub_calls={c.sub_calls} "
-                 f"depth={c.depth} critical_path={c.critical_path_tokens} wall={c.wall_seconds:.1f}s")
-    lines.append(f"answer: {rollout.answer!r}")
-    return "\n".join(lines)
-
-
 # Tokens a plain sub-call's prompt needs at least (chat template, the cut marker, some text): below
 # this, _llm_call cannot cut a prompt to fit max_call_tokens - max_new_tokens.
 CALL_ROOM = 128
 
 
 def main():
-    # Budgets of one run: on CPU sized so that a first run on a long file ends in about two minutes
-    # on 2 cores; a GPU gets the larger ones, as in train.py. Flags you give win over both.
-    # max_call_tokens bounds a sub-call's prompt too: prefilling 8k tokens takes tens of seconds on CPU.
-    cpu_budgets = dict(max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=512, max_call_tokens=4096)
-    gpu_budgets = dict(max_turns=6, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=4096, max_call_tokens=8192)
-    valid = dict(max_turns="at least 0", max_new_tokens="at least 1", max_sub_calls="at least 0",
-                 max_generated_tokens="at least 1", max_call_tokens=f"at least max-new-tokens + {CALL_ROOM}")
+    # The budgets of BUDGETS for this machine (as train.py's); flags you give win over them.
+    cpu_budgets, gpu_budgets = BUDGETS["cpu"], BUDGETS["gpu"]
+    valid = dict(max_depth="at least 0 (0: no rlm_query)", max_turns="at least 0", max_new_tokens="at least 1",
+                 max_sub_calls="at least 0", max_generated_tokens="at least 1",
+                 max_call_tokens=f"at least max-new-tokens + {CALL_ROOM}")
     parser = argparse.ArgumentParser(description="Run one RLM on a text file and print its call tree.")
     parser.add_argument("--query", required=True, help="the question, not empty")
     parser.add_argument("--context", required=True, help="path of a text file (UTF-8): the long input")
     parser.add_argument("--model", default=None, help="HF hub id or local path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default=None, help="a saved LoRA adapter folder, e.g. out/train/adapter")
-    parser.add_argument("--max-depth", type=int, default=2, help="at least 0 (0: no rlm_query)")
     for name in cpu_budgets:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"{valid[name]}; default: {cpu_budgets[name]} on CPU, {gpu_budgets[name]} on GPU")
@@ -667,13 +554,10 @@ def main():
     parser.add_argument("--html", default=None, help="write the rollout as a self-contained page here (view.py)")
     args = parser.parse_args()
 
-    import torch
-
-    budgets = gpu_budgets if torch.cuda.is_available() else cpu_budgets
-    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in budgets.items()}
+    budgets = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in default_budgets().items()}
     refuse("rlm.py", [
         not args.query.strip() and "--query is empty; ask a question",
-        at_least("--temperature", args.temperature, 0), at_least("--max-depth", args.max_depth, 0),
+        at_least("--temperature", args.temperature, 0), at_least("--max-depth", budgets["max_depth"], 0),
         at_least("--max-turns", budgets["max_turns"], 0), at_least("--max-new-tokens", budgets["max_new_tokens"], 1),
         at_least("--max-sub-calls", budgets["max_sub_calls"], 0),
         at_least("--max-generated-tokens", budgets["max_generated_tokens"], 1),
@@ -701,8 +585,8 @@ def main():
     print(f"loading the policy ({args.model or 'SmolLM2-135M-Instruct'})...", flush=True)
     policy = load_policy(args.model, adapter=args.adapter)
     bar = tqdm(total=budgets["max_generated_tokens"], desc="generated tokens (budget)", unit="tok")
-    rlm = RLM(Batcher(policy, temperature=args.temperature), max_depth=args.max_depth, allow_async=not args.sync,
-              on_sample=bar.update, **budgets)
+    rlm = RLM(Batcher(policy, temperature=args.temperature), allow_async=not args.sync, on_sample=bar.update,
+              **budgets)
     rollout = asyncio.run(rlm.run(args.query, context))
     bar.close()
     print(format_rollout(rollout))

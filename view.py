@@ -13,7 +13,7 @@ Model did, call by call, turn by turn, and when.
 For each rollout the page has a timeline (one bar per call, on the logical clock that
 orders sub-call starts and ends as they happened: overlapping bars ran at once; wall
 seconds in a second, folded timeline), the critical path marked in red (the chain of
-calls whose generated tokens make the rollout's latency, as rlm.py's longest_chain
+calls whose generated tokens make the rollout's latency, as trace.py's heaviest_chain
 counts it: it follows which sub-calls the code made wait for which, not the clock, so a
 gathered call that happened to end before its twin started is still no link of a chain),
 and the call tree: each call's kind, depth, query, answer and costs, then each turn's
@@ -38,7 +38,7 @@ import re
 import sys
 
 from checks import InputError, input_file, json_lines, read_text, writable
-from rlm import Call, Cost, Rollout, dependencies, heaviest_chain
+from trace import critical_calls, rollout_from_dict
 
 FOLD_CHARS, FOLD_LINES = 1500, 30  # longer text starts folded, whole, behind a one-line preview
 FENCE = re.compile(r"```([A-Za-z]*)[ \t]*\n(.*?)```", re.DOTALL)  # the fences rlm.py runs, and any other
@@ -134,23 +134,6 @@ def render_reply(reply):
 
 # -----------------------------------------------------------------------------
 # Timing: where each call sits on the clocks, and which calls make the critical path
-
-
-critical_chain = heaviest_chain  # the chain whose weights make rlm's longest_chain
-
-
-def critical_calls(rollout):
-    """Ids of the calls on the critical path: their own generated tokens sum to cost.critical_path_tokens.
-    Which sub-calls waited for which comes from rlm.dependencies, as the cost does, not from the clock."""
-    calls, marked, todo = rollout.calls, set(), [0] if rollout.calls else []
-    while todo:
-        call = calls[todo.pop()]
-        marked.add(call.id)
-        for turn in call.turns:
-            records, after = dependencies(turn["sub_calls"])
-            chain = critical_chain([calls[s["call"]].cost.critical_path_tokens for s in records], after)
-            todo += [records[i]["call"] for i in chain]
-    return marked
 
 
 def logical_intervals(rollout):
@@ -257,15 +240,9 @@ def render_rollout(rollout, index, meta):
 # Several rollouts: the index and the page
 
 
-def rollout_from_dict(d):
-    """The inverse of dataclasses.asdict(rollout), as rlm.read_jsonl does for a line."""
-    calls = [Call(**{**c, "cost": Cost(**c["cost"])}) for c in d["calls"]]
-    return Rollout(**{**d, "calls": calls, "cost": Cost(**d["cost"])})
-
-
 def as_item(item):
     """-> (metadata, rollout or None). A Rollout, its dict, or a record (eval.py's) with an optional "trace"."""
-    if not isinstance(item, dict):  # a Rollout (also one made by `python rlm.py`, whose class is __main__'s)
+    if not isinstance(item, dict):  # a trace.Rollout
         return {}, item
     meta, trace = ({}, item) if "calls" in item else (item, item.get("trace"))
     return meta, rollout_from_dict(trace) if isinstance(trace, dict) else trace
@@ -352,6 +329,36 @@ def load(path):
                                  f"them ({type(e).__name__}: {e}); give one of their traces files") from None
             items.append(d)
     return items
+
+
+# -----------------------------------------------------------------------------
+# Training curves (a PNG, beside the pages)
+
+
+def plot_curves(metrics, path):
+    """Training curves from metrics.jsonl lines (train.py's): warm-start NLL, then RL reward, accuracy and costs."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    warm = [m for m in metrics if m.get("phase") == "warm"]
+    rl = [m for m in metrics if m.get("phase", "rl") == "rl"]
+    panels = [("warm start: NLL per token", warm, "nll"), ("RL: reward", rl, "reward"),
+              ("RL: accuracy", rl, "accuracy"), ("RL: generated tokens", rl, "generated_tokens"),
+              ("RL: prompt tokens", rl, "prompt_tokens"), ("RL: critical path (tokens)", rl, "critical_path")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, ms, key) in zip(axes.flat, panels):
+        ax.plot([m["step"] for m in ms], [m[key] for m in ms], marker=".")
+        if not ms:  # e.g. RL from --init_adapter has no warm start
+            ax.text(0.5, 0.5, "not in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=90)
+    os.replace(path + ".tmp.png", path)  # a later run reads it whole or not at all
+    plt.close(fig)
 
 
 def main():

@@ -3,6 +3,7 @@
     dist_worker.py steps MODEL_DIR OUT_DIR     one warm-start step and one RL step on scripted rollouts,
                                                each rank its share; every rank saves its adapter to OUT_DIR
     dist_worker.py crash RANK TRAIN_FLAGS...   train.py's main, with RANK raising in its first update
+                                               (grpo_step, as train.py's warm and RL steps call it)
 
 two_steps is also what the test runs in one plain process, on the union of the shares.
 """
@@ -13,9 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import dist  # noqa: E402
+import grpo  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
-from rlm import Call, Cost, Rollout  # noqa: E402
+from trace import Call, Cost, Rollout  # noqa: E402
 
 REPLIES = ["The key is 7.", "FINAL(42)", "```repl\nprint(context[:100])\n```", "I do not know.",
            "FINAL(re.search(r'key is (\\d+)', context).group(1))", " banana purple window", "7", "Let me look first."]
@@ -51,22 +53,22 @@ def two_steps(model_dir):
     rollouts = scripted_rollouts(policy)
     optimizer = torch.optim.SGD(params, lr=LR)
     _, mine = dist.my_part(rollouts[:4])
-    train.update(policy, optimizer, mine, [1.0] * len(mine), cfg)
+    grpo.grpo_step(policy, optimizer, mine, [1.0] * len(mine), **train.update_settings(cfg))
     first, mine = dist.my_part(rollouts[4:], cfg["group_size"])
     advantages = train.group_advantages(REWARDS[first:first + len(mine)], cfg["group_size"])
-    train.update(policy, optimizer, mine, advantages, cfg)
+    grpo.grpo_step(policy, optimizer, mine, advantages, **train.update_settings(cfg))
     return before, {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
 def crash_in_first_update(rank):
-    real = train.update
+    real = train.grpo_step
 
-    def update(*args, **kwargs):
+    def grpo_step(*args, **kwargs):
         if dist.rank() == rank:
             raise RuntimeError("a simulated failure in the update")
         return real(*args, **kwargs)
 
-    train.update = update
+    train.grpo_step = grpo_step  # what train.warm_step and train.rl_step call
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def parse(prompt_text):
     return {"kind": "llm", "query": prompt, "turn": 0, "observation": None}
 
 
-class ScriptedPolicy:
+class ScriptedPolicy:  # rlm.SamplingPolicy with canned replies
     def __init__(self, script, delay=0.0):
         self.script = script  # prompt text -> reply text
         self.delay = delay  # seconds per sampling call (or a function giving them), so requests pile up

@@ -28,6 +28,7 @@ import teacher
 import train
 import view
 from scripted import ScriptedPolicy, repl_block
+from trace import Call, Cost, Rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 MAINS = {"rlm.py": rlm.main, "eval.py": evaluation.main, "train.py": train.main, "view.py": view.main,
@@ -74,9 +75,9 @@ def fake_adapter(folder):
 
 
 RECORD = {"context": "The code is 7.", "question": "What is the code?", "answer": "7"}
-ROOT_CALL = rlm.Call(0, None, "root", 0, "What is the code?", answer="7", started=1.0, ended=2.0,
-                     turns=[{"reply": "FINAL(7)", "code": [], "observation": None, "sub_calls": []}])
-ROLLOUT = dataclasses.asdict(rlm.Rollout("What is the code?", "7", [ROOT_CALL], rlm.Cost(), 100))  # a traces line
+ROOT_CALL = Call(0, None, "root", 0, "What is the code?", answer="7", started=1.0, ended=2.0,
+                 turns=[{"reply": "FINAL(7)", "code": [], "observation": None, "sub_calls": []}])
+ROLLOUT = dataclasses.asdict(Rollout("What is the code?", "7", [ROOT_CALL], Cost(), 100))  # a traces line
 
 
 # --- 1. the hang ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 import torch
 
+import grpo
 import lora
 import train
 from conftest import load_smollm_tokenizer, make_tiny_model
@@ -136,11 +137,11 @@ def test_one_warm_start_and_one_rl_step_under_each_template(templated):
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
     demo = asyncio.run(demonstrate(policy, make_task("niah", 2000, seed=1), "regex",
                                    dict(max_turns=1, max_new_tokens=160, max_generated_tokens=512), seed=1))
-    warm = train.update(policy, optimizer, [demo.rollout], [1.0], cfg)
+    warm = grpo.grpo_step(policy, optimizer, [demo.rollout], [1.0], **train.update_settings(cfg))
     rlm = RLM(Batcher(policy, temperature=1.0), max_turns=1, max_new_tokens=12, max_generated_tokens=64)
     rollouts = asyncio.run(train.collect(rlm, [make_task("niah", 2000, seed=3)] * 2, seed=5))
     # Advantages of one sign: whatever was sampled, no token's push is cancelled by another's.
-    rl = train.update(policy, optimizer, rollouts, [1.0, 0.5], cfg)
+    rl = grpo.grpo_step(policy, optimizer, rollouts, [1.0, 0.5], **train.update_settings(cfg))
     assert warm["train_rows"] == 1 and warm["grad_norm"] > 0 and rl["train_rows"] == 2 and rl["grad_norm"] > 0
     changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)

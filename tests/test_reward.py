@@ -87,3 +87,17 @@ def test_invalid_inputs_are_refused():
         compute_reward(1.5, cost())
     with pytest.raises(ValueError, match="generated_tokens"):
         compute_reward(1.0, cost(0, -1, 0))
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_each_penalty_reaches_its_weight_on_every_rollout_preset(preset):
+    from rlm import BUDGETS
+    budget = BUDGETS[preset]["max_generated_tokens"]
+    config = RewardConfig.for_rollouts(budget, cost_weight=0.1, latency_weight=0.1)
+    # the whole generation budget on the critical path, with 28 prompt tokens per generated token
+    whole = SimpleNamespace(prompt_tokens=28 * budget, generated_tokens=budget, critical_path_tokens=budget)
+    terms = compute_reward(1.0, whole, config)
+    assert terms["latency_penalty"] == pytest.approx(0.1) and terms["cost_penalty"] == pytest.approx(0.1)
+    half = SimpleNamespace(prompt_tokens=14 * budget, generated_tokens=budget // 2, critical_path_tokens=budget // 2)
+    terms = compute_reward(1.0, half, config)
+    assert terms["latency_penalty"] == pytest.approx(0.05) and terms["cost_penalty"] == pytest.approx(0.05)

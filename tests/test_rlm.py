@@ -6,8 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rlm import RLM, Batcher, dependencies, longest_chain, read_jsonl, write_jsonl
+from rlm import RLM, Batcher
 from scripted import EOS, ScriptedPolicy, encode, parse, repl_block
+from trace import dependencies, heaviest_chain, read_jsonl, write_jsonl
 
 
 def run(policy, query="q", context="abcdefghij" * 10, **settings):
@@ -156,11 +157,11 @@ def test_sync_mode_serves_sub_calls_one_at_a_time_and_latency_adds_up():
     assert rollout.cost.critical_path_tokens == root_gen + 3 * 6
 
 
-def test_longest_chain_by_hand():
-    assert longest_chain([], []) == 0
-    assert longest_chain([5, 7], [[], [0]]) == 12  # one waited for the other
-    assert longest_chain([5, 7], [[], []]) == 7  # concurrent
-    assert longest_chain([5, 1, 4, 2], [[], [0], [0], [0, 1, 2]]) == 5 + 4 + 2
+def test_heaviest_chain_by_hand():
+    assert heaviest_chain([], []) == []
+    assert heaviest_chain([5, 7], [[], [0]]) == [0, 1]  # one waited for the other: 12
+    assert heaviest_chain([5, 7], [[], []]) == [1]  # concurrent: 7
+    assert heaviest_chain([5, 1, 4, 2], [[], [0], [0], [0, 1, 2]]) == [0, 2, 3]  # 5 + 4 + 2
 
 
 def test_dependencies_of_old_traces_fall_back_to_the_clock():

@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import grpo
 import train
 from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
-from rlm import RLM, Batcher, Call, Cost, Rollout
+from rlm import RLM, Batcher
+from trace import Call, Cost, Rollout
 
 # Two warm-start steps (one demonstration of each of niah's 5 strategies, 3 to a step), then 2 RL steps.
 TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--families", "niah", "--lengths", "2000",
@@ -94,7 +96,7 @@ def test_update_changes_only_lora_and_raises_log_probs_of_positive_advantage():
     start = rollout_logprob(policy, rollouts[0])
     logprobs = []
     for _ in range(4):  # rollout 0 won its group (advantage +0.5), rollout 1 lost it
-        stats = train.update(policy, optimizer, rollouts, [0.5, -0.5], cfg)
+        stats = grpo.grpo_step(policy, optimizer, rollouts, [0.5, -0.5], **train.update_settings(cfg))
         logprobs.append(rollout_logprob(policy, rollouts[0]))
     assert stats["train_rows"] == 2 and stats["grad_norm"] > 0
     assert logprobs[-1] > start and logprobs == sorted(logprobs)
@@ -127,20 +129,21 @@ def test_equal_rewards_leave_the_adapter_alone():
     rollouts = sampled_rollouts(policy)
     before = [p.detach().clone() for p in policy.trainable_parameters()]
     advantages = train.group_advantages([0.5, 0.5], 2)
-    stats = train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), rollouts, advantages,
-                         config())
+    stats = grpo.grpo_step(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2), rollouts, advantages,
+                           **train.update_settings(config()))
     assert advantages.tolist() == [0.0, 0.0] and stats["train_rows"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
 
 
 def test_the_update_checkpoints_activations_even_before_any_sampling():
     policy = make_tiny_policy(seed=7)
-    policy.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.enable_gradient_checkpointing()
     policy.model.eval()  # as a model may come to its first update (HF skips checkpointing in eval mode)
     rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
     mlp_calls = []
     policy.model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
-    train.update(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3), rollouts, [0.5, -0.5], config())
+    grpo.grpo_step(policy, torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3), rollouts, [0.5, -0.5],
+                   **train.update_settings(config()))
     assert len(mlp_calls) == 2  # two short rows, one micro-batch: its forward, and again in backward
 
 
@@ -206,7 +209,7 @@ def write_half(torch_save, obj, path):
 # Each stops the run somewhere in its 2 warm-start and 2 RL steps; what the stop leaves must resume to
 # the unstopped run.
 STOPS = {
-    "ctrl-c in the warm start": dict(target=train, name="update", error=KeyboardInterrupt, n=2),
+    "ctrl-c in the warm start": dict(target=train, name="grpo_step", error=KeyboardInterrupt, n=2),
     "ctrl-c in the rollouts": dict(target=train, name="collect", error=KeyboardInterrupt, n=2),
     "crash saving the first RL step": dict(target=torch, name="save", error=Killed, n=3, first=write_half),
     "crash while writing state.pt": dict(target=torch, name="save", error=Killed, n=2, first=write_half),
@@ -301,12 +304,13 @@ def test_several_epochs_and_a_kl_term_are_measured():
     # Fixed, disjoint replies: two sampled rollouts that happened to be equal would cancel out.
     rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
-    first = train.update(policy, optimizer, rollouts, [1.0, 0.0], config(epochs=3, beta=0.1))
+    first = grpo.grpo_step(policy, optimizer, rollouts, [1.0, 0.0],
+                           **train.update_settings(config(epochs=3, beta=0.1)))
     assert first["kl"] is not None and first["kl"] > 0  # the adapter moved away from the base in epochs 2-3
     # Epoch 1 has ratio 1 and clips nothing, so at most the later two thirds of the tokens seen clip
     # (test_later_epochs_clip_and_the_first_cannot shows it epoch by epoch)
     assert 0 < first["clip_fraction"] <= 2 / 3
-    no_ref = train.update(policy, optimizer, rollouts, [1.0, 0.0], config())
+    no_ref = grpo.grpo_step(policy, optimizer, rollouts, [1.0, 0.0], **train.update_settings(config()))
     assert no_ref["kl"] is None  # beta = 0: no reference pass, so nothing is claimed
 
 
@@ -339,12 +343,12 @@ def test_later_epochs_clip_and_the_first_cannot(monkeypatch):
     # (ratios beyond 1e3 or below 1e-3, one CPU: every token clips), far past either clip edge on
     # any machine.
     per_call = []
-    real = train.loss_stats
-    monkeypatch.setattr(train, "loss_stats", lambda *a, **k: per_call.append(real(*a, **k)) or per_call[-1])
+    real = grpo.loss_stats
+    monkeypatch.setattr(grpo, "loss_stats", lambda *a, **k: per_call.append(real(*a, **k)) or per_call[-1])
     policy = make_tiny_policy(seed=6)
     rollouts = fixed_rollouts(policy, [policy.encode("The key is 7."), policy.encode(" banana purple window")])
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
-    stats = train.update(policy, optimizer, rollouts, [1.0, -1.0], config(epochs=2))
+    stats = grpo.grpo_step(policy, optimizer, rollouts, [1.0, -1.0], **train.update_settings(config(epochs=2)))
     assert len(per_call) == 2  # one micro-batch, two epochs
     first, second = per_call
     # (float noise moves a ratio by a few 1e-4 at most; clipping needs 0.2)

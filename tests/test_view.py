@@ -16,8 +16,9 @@ import pytest
 
 import eval as evaluation
 import view
-from rlm import RLM, Batcher, Call, Cost, Rollout, longest_chain, read_jsonl, write_jsonl
+from rlm import RLM, Batcher
 from scripted import EOS, ScriptedPolicy, ScriptedSample, parse, repl_block
+from trace import Call, Cost, Rollout, critical_calls, heaviest_chain, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]   # the scripts run from here, whatever the working directory
 
@@ -189,7 +190,7 @@ def test_concurrent_calls_overlap_in_the_timeline_and_sequential_ones_do_not(rol
 
 
 def test_the_critical_path_is_marked_and_adds_up_to_the_rollouts_latency(rollout):
-    critical = view.critical_calls(rollout)
+    critical = critical_calls(rollout)
     own = {c.id: sum(c.sampled_mask) for c in rollout.calls}
     assert sum(own[i] for i in critical) == rollout.cost.critical_path_tokens
     by_query = {c.query: c.id for c in rollout.calls}
@@ -199,15 +200,19 @@ def test_the_critical_path_is_marked_and_adds_up_to_the_rollouts_latency(rollout
     assert {i for i, (_, _, crit) in bars.items() if crit} == critical
 
 
-def test_critical_chain_is_the_argmax_of_longest_chain():
+def test_the_heaviest_chain_is_a_chain_and_no_chain_is_heavier():
+    def chains(after, i):  # every chain that ends with call i, by brute force
+        return [[i]] + [c + [i] for j in after[i] for c in chains(after, j)]
+
     rng = random.Random(0)
     for _ in range(200):
         n = rng.randint(0, 8)
         weights = [rng.randint(1, 9) for _ in range(n)]
         after = [sorted(rng.sample(range(i), rng.randint(0, i))) for i in range(n)]
-        chain = view.critical_chain(weights, after)
-        assert sum(weights[i] for i in chain) == longest_chain(weights, after)
+        chain = heaviest_chain(weights, after)
         assert all(a in after[b] for a, b in zip(chain, chain[1:]))  # each waited for the one before
+        heaviest = max((sum(weights[k] for k in c) for i in range(n) for c in chains(after, i)), default=0)
+        assert sum(weights[i] for i in chain) == heaviest
 
 
 def two_gathered_calls_whose_bars_do_not_overlap(with_after):
@@ -226,14 +231,14 @@ def two_gathered_calls_whose_bars_do_not_overlap(with_after):
 
 def test_the_critical_path_follows_what_waited_for_what_not_the_clock(tmp_path):
     rollout = two_gathered_calls_whose_bars_do_not_overlap(with_after=True)
-    assert view.critical_calls(rollout) == {0, 2}  # gathered: only the heavier one
+    assert critical_calls(rollout) == {0, 2}  # gathered: only the heavier one
     bars = Page(view.render_page([rollout])).bars()
     assert bars[1][1] <= bars[2][0]  # though on the clock one ended before the other started
     assert {i for i, (_, _, crit) in bars.items() if crit} == {0, 2}
     # A trace written before "after" existed: the clock is all there is, and it makes a chain.
     write_jsonl([two_gathered_calls_whose_bars_do_not_overlap(with_after=False)], tmp_path / "old.jsonl")
     [old] = read_jsonl(tmp_path / "old.jsonl")
-    assert view.critical_calls(old) == {0, 1, 2}
+    assert critical_calls(old) == {0, 1, 2}
     assert "waited for" not in Page(view.render_page([old])).text()
 
 
