@@ -703,9 +703,10 @@ def parse_args(argv=None):
           for name in ("repeats", "new_tokens", "chunk_chars", "batch", "score_batch", "score_len", "context_chars")),
         at_least("--task-chars", args.task_chars, 2000), fanout_problem])
     if "train" in only:  # train.py's own checks, now rather than after the model loads
+        import config
         import train
 
-        train.check_config(train.parse_config(args.train_argv.split()))
+        config.check_config(train.parse_config(args.train_argv.split()))
     try:
         writable(args.out, "--out")
     except InputError as e:

@@ -10,11 +10,14 @@ old one, makes it durable (fsync), then swaps it in with two renames (old aside,
 each atomic. A crash between the two leaves only `path.old`, which `whole_folder` finds.
 The logs (metrics.jsonl, ...) are appended a step at a time; a checkpoint records how long
 each one was, and resuming cuts them back, so the steps redone after it are not logged twice.
+`with DeferInterrupt():` around an update and its log lines makes Ctrl-C wait until both
+have landed, so a checkpoint never holds half a step.
 """
 
 import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -106,3 +109,16 @@ def restore_rng(rng):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class DeferInterrupt:
+    """Ctrl-C during an update waits until the step is done, so no checkpoint is half-updated."""
+
+    def __enter__(self):
+        self.interrupted = False
+        self.previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "interrupted", True))
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+        if self.interrupted:
+            raise KeyboardInterrupt

@@ -41,6 +41,7 @@ Usage:
   terms = compute_reward(1.0, rollout.cost)          # {"reward", "correctness", "cost_penalty", "latency_penalty"}
   terms = reward_for(task, rollout, RewardConfig(cost_weight=0.2, latency_weight=0.0))
   config = RewardConfig.for_rollouts(1024, cost_weight=0.1, latency_weight=0.1)   # a CPU rollout's budgets
+  summarize_rollouts(rollouts, rewards)              # a step's means: each term, accuracy, tokens, sub-calls
 """
 
 import math
@@ -112,3 +113,21 @@ def compute_reward(correctness, cost, config=RewardConfig()):
 def reward_for(task, rollout, config=RewardConfig()):
     """compute_reward for a trace.Rollout on a tasks.Task (no answer scores 0)."""
     return compute_reward(tasks.score(task, rollout.answer), rollout.cost, config)
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def summarize_rollouts(rollouts, rewards):
+    """Means over a step's rollouts: each reward term, accuracy, and what the answers cost."""
+    costs = [r.cost for r in rollouts]
+    return {**{k: mean([r[k] for r in rewards]) for k in rewards[0]},
+            "accuracy": mean([r["correctness"] for r in rewards]),
+            "answered": mean([r.answer is not None for r in rollouts]),
+            "prompt_tokens": mean([c.prompt_tokens for c in costs]),
+            "generated_tokens": mean([c.generated_tokens for c in costs]),
+            "llm_query": mean([c.sub_calls["llm_query"] for c in costs]),
+            "rlm_query": mean([c.sub_calls["rlm_query"] for c in costs]),
+            "depth": mean([c.depth for c in costs]),
+            "critical_path": mean([c.critical_path_tokens for c in costs])}

@@ -25,6 +25,7 @@ import lora
 import rlm
 import tasks
 import teacher
+import config
 import train
 import view
 from scripted import ScriptedPolicy, repl_block
@@ -240,7 +241,7 @@ def test_teacher_refuses_an_unknown_strategy(monkeypatch, forbid_models):
 ])
 def test_train_refuses_settings_out_of_range(flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        train.check_config(train.parse_config(flags))
+        config.check_config(train.parse_config(flags))
     assert message in str(exit_info.value)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config as run_config
 import grpo
 import train
 from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
@@ -283,7 +284,7 @@ def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_
 ])
 def test_a_config_that_cannot_work_is_refused_at_start(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.check_config(train.parse_config(flags))
+        run_config.check_config(train.parse_config(flags))
     assert message in str(exit_info.value)
 
 
