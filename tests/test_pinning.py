@@ -95,16 +95,26 @@ PINNED_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--f
               "--no-skip_unsolved"]
 PINNED_RUN += [x for k in train.GPU_SIZED if f"--{k}" not in PINNED_RUN for x in (f"--{k}", str(train.DEFAULTS[k]))]
 
-# Float bytes depend on the CPU kernels torch picks, so the training pin holds on the machine kind it
+# Float bytes depend on the CPU kernels torch picks, so the training pin holds on the CPU model it
 # was recorded on (elsewhere it skips; record it there with PIN_RECORD=1 to pin that machine too).
 RECORDED_ON = {  # machine -> (sha256 of adapter_model.safetensors, sha256 of the metrics lines)
-    "torch 2.13.0, x86_64, AVX2": ("5aee4fee3745b047818e87b25ab5332a79d256249f7474d044bbac2a033d51f3",
-                                   "c70c569b8ada32164470d0719fb047c99a2f42f4d2042a1818b2da952b6275eb"),
+    "torch 2.13.0, x86_64, AVX2, cpu AuthenticAMD/25/1/1, 2 threads": (
+        "5aee4fee3745b047818e87b25ab5332a79d256249f7474d044bbac2a033d51f3",
+        "c70c569b8ada32164470d0719fb047c99a2f42f4d2042a1818b2da952b6275eb"),
 }
 
 
 def machine():
-    return f"torch {torch.__version__.split('+')[0]}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
+    """What decides the float bytes: torch, the ISA level its kernels use, the CPU model (its kernels'
+    blocking and MKL's code path follow it) and the thread count (the split of every reduction)."""
+    cpu = {}
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            cpu.setdefault(key.strip(), value.strip())
+    model = "/".join(cpu.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping"))
+    return (f"torch {torch.__version__.split('+')[0]}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"cpu {model}, {torch.get_num_threads()} threads")
 
 
 def test_a_seeded_tiny_training_run_gives_the_same_adapter_and_metrics(tmp_path, monkeypatch):
