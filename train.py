@@ -2,7 +2,7 @@
 Train a Recursive Language Model: a warm start that clones a scripted teacher, then
 Dr. GRPO with a cost-aware reward, on a LoRA adapter.
 
-    python train.py                                   # CPU-sized run: 14 minutes on 2 idle cores (README)
+    python train.py                                   # CPU-sized run: about 24 CPU-minutes (README)
     python train.py --steps 30 --families niah,multihop --lengths 2000,8000,32000
     python train.py --warm_demos 0                    # RL straight from the instruction-tuned model
     python train.py --steps 0 --out_dir out/warm      # the warm start alone; then RL from it, twice:
