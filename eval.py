@@ -269,8 +269,11 @@ def floor_rows(tasks_by_length):
         for family, ts in sorted(by_family.items()):
             credit = {}
             for t in ts:
+                scored = {}   # pairs' first match is its every candidate: a list of every pair, scored once
                 for name, answer in cheap_answers(t).items():
-                    credit.setdefault(name, []).append(score(t, answer))
+                    if answer not in scored:
+                        scored[answer] = score(t, answer)
+                    credit.setdefault(name, []).append(scored[answer])
             row = {"family": family, "length": length, "n": len(ts),
                    **{name: sum(v) / len(v) for name, v in credit.items()}}
             row["best constant"] = best_constant(ts)[1]

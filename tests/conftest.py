@@ -106,3 +106,14 @@ def smollm_tokenizer():
 def tiny_policy():
     """A shared tiny policy (seed 0); treat as read-only, use make_tiny_policy() to change weights."""
     return make_tiny_policy(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """make_tiny_model() (seed 0) and the real tokenizer saved as an ordinary HF folder, for
+    `--model PATH` in scripts; shared, do not write into it."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = load_smollm_tokenizer()
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

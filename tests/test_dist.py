@@ -13,7 +13,6 @@ import torch
 
 import dist
 import train
-from conftest import load_smollm_tokenizer, make_tiny_model
 from dist_worker import two_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,15 +23,6 @@ RUN = ["--steps", "2", "--tasks_per_step", "2", "--group_size", "2", "--families
        "--warm_demos", "1", "--warm_epochs", "1", "--warm_batch", "3", "--warm_lengths", "2000", "--max_turns", "1",
        "--max_new_tokens", "160", "--max_generated_tokens", "512", "--eval_n", "1", "--eval_every", "0",
        "--eval_lengths", "2000", "--checkpoint_every", "10", "--lr", "0.01", "--temperature", "1.0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = load_smollm_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def free_port():
@@ -55,7 +45,6 @@ def test_two_processes_take_the_step_one_process_takes_on_both_shares(tiny_model
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the same step on every rank
     initial, one = two_steps(tiny_model_dir)  # one process, all eight rollouts
-    moved = 0
     for name, expected in one.items():
         got, start = ranks[0][name], initial[name]
         # The two sides differ only in the order float32 sums run: rows split over two ranks, other micro-batches,

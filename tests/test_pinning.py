@@ -20,7 +20,6 @@ import torch
 
 import reward
 import train
-from conftest import load_smollm_tokenizer, make_tiny_model
 from reward import RewardConfig
 from rlm import RLM, Batcher
 from scripted import ScriptedPolicy, parse, repl_block
@@ -117,17 +116,13 @@ def machine():
             f"cpu {model}, {torch.get_num_threads()} threads")
 
 
-def test_a_seeded_tiny_training_run_gives_the_same_adapter_and_metrics(tmp_path, monkeypatch):
+def test_a_seeded_tiny_training_run_gives_the_same_adapter_and_metrics(tiny_model_dir, tmp_path, monkeypatch):
     if not RECORD and machine() not in RECORDED_ON:
         pytest.skip(f"training pins were recorded on {sorted(RECORDED_ON)}, not on {machine()}")
-    model_dir = str(tmp_path / "tiny-model")
-    tokenizer = load_smollm_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     monkeypatch.setattr(train, "load_policy", functools.partial(train.load_policy, device="cpu", dtype="float32"))
     monkeypatch.setattr(train, "reward_for", lambda task, rollout, config: reward.reward_for(task, rollout, FIXED_REWARD))
     out_dir = str(tmp_path / "run")
-    train.main(PINNED_RUN + ["--model", model_dir, "--out_dir", out_dir])
+    train.main(PINNED_RUN + ["--model", tiny_model_dir, "--out_dir", out_dir])
     with open(os.path.join(out_dir, "adapter", "adapter_model.safetensors"), "rb") as f:
         adapter = hashlib.sha256(f.read()).hexdigest()
     metrics = [without_clock(json.loads(line)) for line in open(os.path.join(out_dir, "metrics.jsonl"))]

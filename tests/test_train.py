@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import config as run_config
 import grpo
 import train
-from conftest import load_smollm_tokenizer, make_tiny_model, make_tiny_policy
+from conftest import make_tiny_policy
 from rlm import RLM, Batcher
 from trace import Call, Cost, Rollout
 
@@ -36,16 +36,6 @@ def cpu_float32():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "load_policy", functools.partial(train.load_policy, device="cpu", dtype="float32"))
         yield
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random model and the real tokenizer saved as an ordinary HF folder (--model PATH)."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = load_smollm_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def config(**overrides):
