@@ -93,13 +93,10 @@ def check_config(cfg):
     problems = []
     if cfg["group_size"] < 2:
         problems.append("--group_size must be at least 2: advantages compare rollouts of the same task")
-    if cfg["steps"] < 0:
-        problems.append(f"--steps must be at least 0 (got {cfg['steps']})")
     for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
                  "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch", "lora_rank"):
-        if cfg[name] < 1:
-            problems.append(f"--{name} must be at least 1 (got {cfg[name]})")
-    for name in ("warm_demos", "max_depth", "max_sub_calls", "weight_decay", "beta", "eps_high",
+        problems.append(at_least(f"--{name}", cfg[name], 1))
+    for name in ("steps", "warm_demos", "max_depth", "max_sub_calls", "weight_decay", "beta", "eps_high",
                  "checkpoint_every", "eval_every", "eval_n"):
         problems.append(at_least(f"--{name}", cfg[name], 0))
     if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
