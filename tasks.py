@@ -99,6 +99,7 @@ class Task:
     answer: str | int | float | list
     scoring: str  # "exact", "number" or "f1"
     seed: int
+    wording: str = "seen"  # the template set it was worded from: "seen", "held_out" or "original"
 
     def __post_init__(self):
         if self.scoring not in SCORINGS:
@@ -186,8 +187,72 @@ _KEY_SECOND = ("falcon otter heron badger lynx marten raven weasel bison cobra g
                "jackal koala lemur newt orca panda quail robin shrew tapir walrus zebra").split()
 
 
-def _needle(key, value):
-    return f"The special magic number for {key} is {value}."
+# Wording. Every niah and multihop task draws its sentence frames, question, answer instruction
+# and key and value shapes from one of two disjoint template sets: "seen" (training, demonstrations,
+# validation, and the seen column of evaluations) and "held_out" (evaluation only; make_task refuses
+# it for a seed of another split). "original" is the first seen template of each kind: the one
+# wording this project's tasks had before wording was a dimension, kept for tests and comparisons.
+WORDINGS = ("seen", "held_out", "original")
+# A needle frame holds {k} (the key) and {v} (the value); one frame per task, for every needle.
+NIAH_FRAMES = {
+    "seen": ("The special magic number for {k} is {v}.",
+             "The access code of {k} is {v}.",
+             "Remember this: {k} was assigned the number {v}.",
+             "{v} is the passcode that belongs to {k}.",
+             "Entry {k} -> {v}",
+             "For {k}, the registry lists {v}.",
+             "[{k}] value={v}",
+             "Note that the vault of {k} opens with {v}."),
+    "held_out": ("Among the records kept, {k} is linked to the figure {v}.",
+                 "{k} :: {v}",
+                 "The clerk wrote {v} next to the name {k}.",
+                 "Whoever asks about {k} should be told {v}.",
+                 "Filed under {k}: reference {v}, no further notes."),
+}
+NIAH_QUESTIONS = {
+    "seen": ("What is the special magic number for {k} mentioned in the context?",
+             "Which value does the context give for {k}?",
+             "Find the value recorded for {k} in the text.",
+             "Look up {k}: what is its value?",
+             "What value is associated with {k}?"),
+    "held_out": ("According to the document, what figure is tied to {k}?",
+                 "{k} appears somewhere in the context. Report the value given for it.",
+                 "Tell me what is listed for {k}."),
+}
+NIAH_LIST_QUESTIONS = {
+    "seen": ("What are the values given for {k} in the context?",
+             "Find the values recorded for {k}."),
+    "held_out": ("Report what the document lists for each of {k}.",),
+}
+NIAH_INSTRUCTIONS = {
+    "seen": (" Answer with the {what} only.", " Reply with just the value.", ""),
+    "held_out": (" Give nothing but the value, exactly as written.", " Respond with the value alone."),
+}
+# Key shapes from two words and a number; value shapes. None is a substring of another of its task.
+NIAH_KEYS = {"seen": ("{a}-{b}-{n}", "{a}_{b}_{n}", "{A}{B}{n}"),
+             "held_out": ("{A}-{B}-{n}", "{a}.{b}.{n}")}
+NIAH_VALUES = {"seen": ("number", "code"), "held_out": ("number", "grouped")}
+_VALUE_WHAT = {"number": "7-digit number", "code": "code", "grouped": "number"}
+_CODE_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+
+def _templates(table, wording):
+    """The templates of a wording: "original" is the first seen one."""
+    return table["seen"][:1] if wording == "original" else table[wording]
+
+
+def _niah_value(rng, shape, number):
+    """A value of the given shape from a distinct 7-digit number: 3141592, KX-3141-QM, 3,141,592."""
+    if shape == "code":
+        return f"{rng.choice(_CODE_LETTERS)}{rng.choice(_CODE_LETTERS)}-{number % 10_000:04d}-" \
+               f"{rng.choice(_CODE_LETTERS)}{rng.choice(_CODE_LETTERS)}"
+    if shape == "grouped":
+        return f"{number:,}"
+    return str(number)
+
+
+def _needle(key, value, frame=None):
+    return (frame or NIAH_FRAMES["seen"][0]).format(k=key, v=value)
 
 
 def _join_names(names):
@@ -202,7 +267,7 @@ def default_needles(length):
     return max(1, min(250, max(8, length // 500), (length - 400) // 120))
 
 
-def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None):
+def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None, wording="seen"):
     needles = default_needles(length) if needles is None else needles
     if not 1 <= queried <= needles:
         raise ValueError(f"niah needs 1 <= queried <= needles, got queried={queried}, needles={needles}")
@@ -210,35 +275,40 @@ def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None):
         raise ValueError(f"niah decoys must be in [0, 40], got {decoys}")
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"niah depth is a fraction of the context in [0, 1], got {depth}")
+    frame = rng.choice(_templates(NIAH_FRAMES, wording))
+    key_shape = rng.choice(_templates(NIAH_KEYS, wording))
+    value_shape = rng.choice(_templates(NIAH_VALUES, wording))
+
+    def shaped(a, b, n):
+        return key_shape.format(a=a, b=b, A=a.capitalize(), B=b.capitalize(), n=n)
+
     keys = set()
     words = rng.sample([(a, b) for a in _KEY_FIRST for b in _KEY_SECOND], needles)
     targets = []
     for a, b in words:
-        key = f"{a}-{b}-{rng.randrange(10, 100)}"
+        key = (a, b, rng.randrange(10, 100))
         targets.append(key)
         keys.add(key)
     decoy_keys = []
-    for key in targets[:queried]:
-        a, b, num = key.split("-")
+    for a, b, _ in targets[:queried]:
         # Same words with another suffix first, then the words swapped: keys a reader
         # (or a sloppy regex) could confuse with the real one.
-        candidates = [f"{a}-{b}-{s}" for s in rng.sample(range(10, 100), 90)]
-        candidates += [f"{b}-{a}-{s}" for s in rng.sample(range(10, 100), 90)]
+        candidates = [(a, b, s) for s in rng.sample(range(10, 100), 90)]
+        candidates += [(b, a, s) for s in rng.sample(range(10, 100), 90)]
         picked = [c for c in candidates if c not in keys][:decoys]
         keys.update(picked)
         decoy_keys += picked
-    all_keys = targets + decoy_keys
-    values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), len(all_keys))]
-    facts = [_needle(k, v) for k, v in zip(all_keys, values)]
+    all_keys = [shaped(*k) for k in targets + decoy_keys]
+    values = [_niah_value(rng, value_shape, v) for v in rng.sample(range(1_000_000, 10_000_000), len(all_keys))]
+    facts = [_needle(k, v, frame) for k, v in zip(all_keys, values)]
     context = _haystack(rng, length, facts, None if depth is None else {0: depth})
-    asked = targets[:queried]
+    asked = all_keys[:queried]
+    instruction = rng.choice(_templates(NIAH_INSTRUCTIONS, wording)).format(what=_VALUE_WHAT[value_shape])
     if queried == 1:
-        query = (f"What is the special magic number for {asked[0]} mentioned in the context? "
-                 "Answer with the 7-digit number only.")
-        return query, context, values[0], "exact"
-    query = (f"What are the special magic numbers for {_join_names(asked)} mentioned in the "
-             "context? Answer with the list of 7-digit numbers.")
-    return query, context, values[:queried], "f1"
+        return rng.choice(_templates(NIAH_QUESTIONS, wording)).format(k=asked[0]) + instruction, \
+            context, values[0], "exact"
+    query = rng.choice(_templates(NIAH_LIST_QUESTIONS, wording)).format(k=_join_names(asked))
+    return query + " Answer with the list of values.", context, values[:queried], "f1"
 
 
 # ----------------------------------------------------------------------------------
@@ -502,8 +572,16 @@ def make_task(family, length, seed, **variant):
         raise TypeError(f"{family} has no variant {unknown}; its variants are {allowed}")
     if not isinstance(length, int) or length <= 0:
         raise ValueError(f"length is a positive number of characters, got {length!r}")
+    wording = variant.get("wording", "seen")
+    if "wording" in allowed and wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
+    if wording == "held_out" and split_of(seed) not in (None, "eval"):
+        # Held-out templates are held out by construction: no training, demonstration or
+        # validation seed can be worded with them.
+        raise ValueError(f"held-out wording is for evaluation only; seed {seed} belongs to the "
+                         f"{split_of(seed)!r} split")
     query, context, answer, scoring = gen(random.Random(seed), length, **variant)
-    return Task(family, query, context, answer, scoring, seed)
+    return Task(family, query, context, answer, scoring, seed, wording if "wording" in allowed else "seen")
 
 
 def make_suite(families, lengths, n, split="eval", start=0, variants=None):
@@ -532,6 +610,7 @@ _STANDALONE_NUMBER = re.compile(r"(?<![\w.-])" + _NUMBER.pattern + r"(?![\w-]|\.
 # "Of the 25 records", "among all 25", "3/25". ("A total of 12" is a count.)
 _TOTAL_BEFORE = re.compile(r"(?:\b(?:out\s+of|among)(?:\s+(?:the|all))?|\bof\s+(?:the|all)|\d\s+of|\d\s*/)\s*$",
                            re.I)
+_NIAH_CODE = re.compile(r"(?<![\w-])[A-Z]{2}-\d{4}-[A-Z]{2}(?![\w-])")  # a niah value of the "code" shape
 _CITY_WORDS = re.compile(r"\b(?:" + "|".join(_CITIES) + r")\b")
 _LABEL_WORDS = re.compile(r"\b(?:" + "|".join(AGGREGATE_LABELS) + r")\b", re.I)
 _CAPITALISED = re.compile(r"\b[A-Z][\w'’-]*(?:[ \t]+[A-Z][\w'’-]*)*")
@@ -630,13 +709,15 @@ def _kind(task):
 
     if task.scoring == "number" or _NUMBER.fullmatch(gold):
         query_numbers = set(_numbers(query, loose=True))
-        if task.family == "niah" and re.fullmatch(r"\d{7}", gold):
+        if task.family == "niah" and re.fullmatch(r"\d{7}|\d,\d{3},\d{3}", gold):
             # A niah answer is a 7-digit number, so a line number beside it is no rival.
             def find(text):
                 return [x for x in _numbers(text) if 10**6 <= x < 10**7 and x == int(x)]
         else:
             find = _numbers
         return find, query_numbers.__contains__, _value(gold)
+    if task.family == "niah" and _NIAH_CODE.fullmatch(gold):
+        return _NIAH_CODE.findall, named, gold
     if task.family == "multihop" and gold in _CITIES:
         return (lambda text: [c.lower() for c in _CITY_WORDS.findall(text)]), named, gold.lower()
     if task.family == "aggregate" and gold in AGGREGATE_LABELS:
@@ -768,8 +849,8 @@ def cheap_answers(task):
     """
     text = task.context if isinstance(task.context, str) else json.dumps(task.context)
     out = {"whole context": text}
-    if task.family == "niah":
-        found = re.findall(r"(?<!\d)\d{7}(?!\d)", text)
+    if task.family == "niah":   # values of any niah shape: 3141592, KX-3141-QM, 3,141,592
+        found = re.findall(r"(?<![\w,])(?:\d{7}|[A-Z]{2}-\d{4}-[A-Z]{2}|\d,\d{3},\d{3})(?![\w,])", text)
     elif task.family == "multihop":
         found = re.findall(r"safehouse is in (\w+)", text)
     elif task.family == "aggregate":

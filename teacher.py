@@ -19,8 +19,9 @@ and lets the REPL find the answer; the task's ground truth never reaches it.
 
 Strategies differ on purpose in cost and latency, so that RL has something to choose:
 
-  niah      regex        one regex over `context`, FINAL in the same turn    (cheapest)
-            look         print the lines with the key; answer in a second turn
+  niah      regex        the line with the key, its value read in code; one turn (cheapest)
+            look         print the lines with the key; answer from them in a second turn
+            guess        the classic frame's regex; when it fails, look instead (recovery)
             window       find the key, llm_query a window around it
             split_async  split in halves, rlm_query both concurrently (asyncio.gather)
             split_sync   the same halves, one rlm_query after the other     (slowest)
@@ -63,10 +64,10 @@ import zlib
 from dataclasses import dataclass
 
 from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
-from tasks import AGGREGATE_TEXTS, make_task, score, task_seed
+from tasks import AGGREGATE_TEXTS, NIAH_QUESTIONS, make_task, score, task_seed
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
-STRATEGIES = {"niah": ("regex", "look", "window", "split_async", "split_sync"),
+STRATEGIES = {"niah": ("regex", "look", "guess", "window", "split_async", "split_sync"),
               "multihop": ("regex", "look", "llm_chain", "rlm_chain"),
               "aggregate": RECORD_STRATEGIES,
               "pairs": RECORD_STRATEGIES}
@@ -75,7 +76,11 @@ PART_NOTE = " It may not be in this part: then answer 'not found'."  # added to 
 RLM_SYSTEM_START = system_prompt(False, False).split(".")[0]  # how every RLM call's system prompt begins
 
 # What the teacher reads from a query: a niah key, or a multihop chain (agent, relations).
-NIAH_QUERY = re.compile(r"magic number for (\S+) mentioned")
+# The teacher reads a niah question as a reader who knows the seen phrasings would: each seen
+# question template, with its key as a group. (It never needs the held-out ones: demonstrations
+# come from the demo split, which make_task words with seen templates only.)
+NIAH_QUERY = re.compile("|".join("^" + re.escape(q).replace(re.escape("{k}"), r"([\w.-]+)")
+                                 for q in NIAH_QUESTIONS["seen"]))
 CHAIN_QUERY = re.compile(r"In which city is the safehouse of (.+?)\? Answer")
 HOP_QUERY = re.compile(r"Who is (.+?)'s (\w+)\?")
 CITY_QUERY = re.compile(r"In which city is (.+?)'s safehouse\?")
@@ -175,7 +180,7 @@ def reply(messages, strategy, rng):
     if part:  # a child searching one part: the cheapest way
         strategy = "regex"
     if m := NIAH_QUERY.search(query):
-        return niah_turn(m.group(1), observations, strategy, rng, part)
+        return niah_turn(first_group(m), observations, strategy, rng, part)
     if m := CHAIN_QUERY.search(query):
         return chain_turn(*parse_chain(m.group(1)), observations, strategy, rng)
     if m := HOP_QUERY.search(query):  # a child asked for one hop: a regex does it
@@ -197,8 +202,9 @@ def read_answer(prompt):
         if m := pattern.search(question):
             return read_records(kind, m.group(1), text)
     if m := NIAH_QUERY.search(question):
-        found = re.search(re.escape(m.group(1)) + r" is (\d+)", text)
-    elif m := HOP_QUERY.search(question):
+        value = value_near(text, first_group(m))
+        return value if value else NOT_FOUND
+    if m := HOP_QUERY.search(question):
         found = re.search(re.escape(f"{m.group(1)}'s {m.group(2)} is ") + r"([^.\n]+)\.", text)
     elif m := CITY_QUERY.search(question):
         found = re.search(re.escape(f"{m.group(1)}'s safehouse is in ") + r"([^.\n]+)\.", text)
@@ -241,8 +247,9 @@ def parse_chain(path):
 # easy to clone apart (no reply that starts as one and ends as another) and gives RL one
 # clear decision to reinforce.
 PLANS = {
-    ("niah", "regex"): ("one regex over the whole context", "a single regex search finds the needle"),
+    ("niah", "regex"): ("find the key's line and read its value in code", "one search for the key's line"),
     ("niah", "look"): ("print the lines with the key, then answer", "look at the matching lines first"),
+    ("niah", "guess"): ("try the usual pattern, read the lines if it fails", "guess the frame, then look if needed"),
     ("niah", "window"): ("ask a sub-model about the text around the key", "llm_query on a window around the key"),
     ("niah", "split_async"): ("split in halves, child RLMs search both at once",
                               "two child RLMs in parallel, one per half"),
@@ -307,14 +314,60 @@ def pick_found(var, rng):
             f"FINAL({good}[0] if {good} else {NOT_FOUND!r})")
 
 
+def first_group(match):
+    """The group that matched, of a pattern that ORs several templates (one group each)."""
+    return next(g for g in match.groups() if g is not None)
+
+
+VALUE_WORD = r"[\w,-]*\d[\w,-]*"  # a word with a digit in it: 3141592, KX-3141-QM, 3,141,592
+
+
+def value_near(text, key):
+    """What a reader takes as the key's value from text it printed: on the first line that holds
+    the key, the longest word with a digit in it, the key left out. It reads any frame: "The
+    code of k is 3141592.", "[k] value=KX-3141-QM", "3,141,592 is the passcode of k". None when
+    no line holds the key."""
+    line = next((ln for ln in text.splitlines() if key in ln), None)
+    words = re.findall(VALUE_WORD, line.replace(key, " ")) if line is not None else []
+    return max(words, key=len).strip(",-") if words else None
+
+
+def value_code(key, rng, may_be_absent):
+    """value_near as REPL code: the line with the key, then the longest word with a digit in it."""
+    line, words = rng.choice(["line", "hit", "row"]), rng.choice(["words", "found", "vals"])
+    find = f"{line} = next((l for l in context.splitlines() if {key!r} in l), '')\n"
+    pick = f"{words} = re.findall(r'{VALUE_WORD}', {line}.replace({key!r}, ' '))\n"
+    if may_be_absent:
+        return find + pick + f"FINAL(max({words}, key=len) if {words} else {NOT_FOUND!r})"
+    return find + pick + f"FINAL(max({words}, key=len))"
+
+
+def failed(observation):
+    """Did a cell's output show an error, or come back empty / None (a search that found nothing)?"""
+    text = (observation or "").strip()
+    return not text or text in ("None", "[]", "''") or "Error" in text.splitlines()[-1]
+
+
 def niah_turn(key, observations, strategy, rng, part=False):
     if strategy == "regex" or strategy not in STRATEGIES["niah"]:
-        return code(rng, lookup_code(f"for {key} is", rng, r"(\d+)", may_be_absent=part), ("niah", "regex"))
+        return code(rng, value_code(key, rng, may_be_absent=part), ("niah", "regex"))
+    if strategy == "guess" and len(observations) == 1 and not failed(observations[0]):
+        return final_reply(observations[0].strip(), rng)  # the usual frame it was: the cell printed the value
+    if strategy in ("look", "guess") and observations:
+        # Reading what was printed: the value is copied from the observation, not from a frame
+        # fixed in advance. After a failed cell, something different: print the key's lines.
+        if failed(observations[-1]):
+            if len(observations) >= 2 and not failed(observations[-2]):
+                return final_reply(NOT_FOUND, rng)
+            return code(rng, print_lines_code(key, rng))
+        value = value_near(observations[-1], key)
+        return final_reply(value, rng) if value else code(rng, print_lines_code(key, rng))
     if strategy == "look":
-        if not observations:
-            return code(rng, print_lines_code(key, rng), ("niah", "look"))
-        found = re.search(re.escape(key) + r" is (\d+)", observations[-1])
-        return final_reply(found.group(1) if found else NOT_FOUND, rng)
+        return code(rng, print_lines_code(key, rng), ("niah", "look"))
+    if strategy == "guess":
+        # The habit of a model trained on one wording: the regex of the classic frame. It works
+        # when the frame is that one; otherwise the cell fails and the next turn reads instead.
+        return code(rng, f"print(re.search(r\"for {key} is (\\d+)\", context).group(1))", ("niah", "guess"))
     if strategy == "window":
         pos, snip, width = rng.choice(["pos", "i", "at"]), rng.choice(["window", "snippet", "text"]), \
             rng.choice([200, 300, 400])

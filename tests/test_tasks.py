@@ -159,16 +159,26 @@ def test_filler_cannot_be_mistaken_for_a_fact():
 
 # ---------------------------------------------------------------- reference solvers
 
-NEEDLE = re.compile(r"^The special magic number for (\S+) is (\d{7})\.$", re.M)
+NEEDLE = re.compile(r"^The special magic number for (\S+) is (\d{7})\.$", re.M)   # the "original" wording's frame
+
+
+def frame_pattern(frame):
+    """A needle frame of tasks.NIAH_FRAMES as a regex with groups (key, value), one needle a line."""
+    body = re.escape(frame).replace(re.escape("{k}"), r"(?P<k>\S+?)").replace(re.escape("{v}"), r"(?P<v>\S+?)")
+    return re.compile("^" + body + "$", re.M)
+
+
+FRAMES = [frame_pattern(f) for w in ("seen", "held_out") for f in tasks.NIAH_FRAMES[w]]
 
 
 def solve_niah(task):
-    found = NEEDLE.findall(task.context)
+    # The frame of the task is the one that matches most lines: every needle uses it.
+    found = max(([(m["k"], m["v"]) for m in p.finditer(task.context)] for p in FRAMES), key=len)
     values = dict(found)
     assert len(values) == len(found), "a key appears in two needles"
     for key in values:  # every key, decoys included, occurs once and only in its needle
         assert task.context.count(key) == 1
-    asked = re.findall(r"[a-z]+-[a-z]+-\d\d", task.query)
+    asked = sorted((k for k in values if k in task.query), key=task.query.index)
     answers = [values[k] for k in asked]
     return answers[0] if task.scoring == "exact" else answers
 
@@ -228,6 +238,7 @@ SOLVERS = {"niah": solve_niah, "aggregate": solve_aggregate, "pairs": solve_pair
            "multihop": solve_multihop}
 CASES = [
     ("niah", {}), ("niah", {"decoys": 5}), ("niah", {"needles": 6, "queried": 1, "decoys": 2}),
+    ("niah", {"wording": "held_out"}), ("niah", {"wording": "original", "decoys": 3}),
     ("niah", {"needles": 5, "queried": 3, "decoys": 3}), ("niah", {"depth": 0.5}),
     ("aggregate", {}), ("aggregate", {"question": "most_common"}),
     ("aggregate", {"label": "money"}),
@@ -251,7 +262,7 @@ def test_ground_truth_is_recoverable(family, variant, length):
 
 
 def test_niah_decoys_look_alike_but_differ():
-    task = make_task("niah", 30_000, 3, needles=1, decoys=6)   # no other keys: only the decoys look alike
+    task = make_task("niah", 30_000, 3, needles=1, decoys=6, wording="original")   # no other keys: only the decoys look alike
     key = re.search(r"for (\S+) mentioned", task.query).group(1)
     a, b, _ = key.split("-")
     keys = [k for k, _ in NEEDLE.findall(task.context)]
@@ -261,8 +272,8 @@ def test_niah_decoys_look_alike_but_differ():
 
 
 def test_niah_depth_places_the_needle():
-    first = make_task("niah", 20_000, 1, depth=0.0).context.split("\n")
-    last = make_task("niah", 20_000, 1, depth=1.0).context.split("\n")
+    first = make_task("niah", 20_000, 1, depth=0.0, wording="original").context.split("\n")
+    last = make_task("niah", 20_000, 1, depth=1.0, wording="original").context.split("\n")
     assert NEEDLE.match(first[0]) and NEEDLE.match(last[-1])
 
 
@@ -341,8 +352,8 @@ def test_an_external_name_answer_is_read_from_a_sentence_naming_nothing_else():
 
 
 @pytest.mark.parametrize("family,variant", [
-    ("niah", {}), ("niah", {"needles": 4, "decoys": 3}), ("multihop", {}), ("multihop", {"hops": 4}),
-    ("aggregate", {"question": "most_common"})])
+    ("niah", {"wording": "original"}), ("niah", {"needles": 4, "decoys": 3, "wording": "original"}),
+    ("multihop", {}), ("multihop", {"hops": 4}), ("aggregate", {"question": "most_common"})])
 def test_echoing_the_question_never_adds_a_candidate(family, variant):
     for seed in range(4):
         task = make_task(family, 4_000, seed, **variant)

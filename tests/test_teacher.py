@@ -172,7 +172,7 @@ def test_children_search_their_part_the_cheapest_way(tiny_policy):
     demo = run(tiny_policy, make_task("niah", 8000, seed=4), "split_async")
     children = [c for c in demo.rollout.calls if c.kind == "rlm_query"]
     assert len(children) == 2 and sorted(c.answer == "not found" for c in children) == [False, True]
-    assert all(len(c.turns) == 1 and "re.search" in c.turns[0]["reply"] for c in children)
+    assert all(len(c.turns) == 1 and "context.splitlines()" in c.turns[0]["reply"] for c in children)
     # The two halves ran concurrently: their intervals on the logical clock overlap.
     (a, b) = demo.rollout.calls[0].turns[0]["sub_calls"]
     assert a["start"] < b["end"] and b["start"] < a["end"]
@@ -183,7 +183,8 @@ def test_the_cheaper_correct_strategy_is_rewarded_more(tiny_policy):
     task = make_task("niah", 8000, seed=9)
     rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
                for s in STRATEGIES["niah"]}
-    assert rewards["regex"] == max(rewards.values())
+    # Reading needs no sub-call: one cell of code (regex) or a printed line copied (look) cost the least.
+    assert min(rewards["regex"], rewards["look"]) > max(rewards[s] for s in ("window", "split_async", "split_sync"))
     assert rewards["split_async"] > rewards["split_sync"]  # same tokens, shorter critical path
     task = make_task("multihop", 8000, seed=9)
     rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
