@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import eval as evaluation
+import tasks
 from rlm import Batcher
 from scripted import ScriptedPolicy, parse, repl_block
 
@@ -69,7 +72,7 @@ def test_eval_script_runs_on_a_tiny_model(tmp_path, tiny_policy):
          "--max-turns", "1", "--max-new-tokens", "16", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"^rlm-sync\s+rlm-sync\s+niah\s+2,000\s+1\s", result.stdout, re.MULTILINE)
+    assert re.search(r"^rlm-sync\s+rlm-sync\s+niah\s+seen\s+2,000\s+1\s", result.stdout, re.MULTILINE)
     report = json.loads(out.read_text())
     assert {r["method"] for r in report["summary"]} == set(evaluation.METHODS)
 
@@ -120,3 +123,71 @@ def test_best_constant_is_the_best_single_answer():
     counts = [Task("x", "q", "c", a, "number", 0) for a in (4, 6)]
     answer, credit = evaluation.best_constant(counts)   # one of them exactly beats 5 (0.75 from both)
     assert answer in ("4", "6") and credit == (1 + 0.75 ** 2) / 2
+
+
+
+# -----------------------------------------------------------------------------
+# Seen and held-out wordings
+
+
+def test_a_family_without_wordings_is_evaluated_once_in_the_seen_wording():
+    assert not evaluation.worded("niah")   # until tasks.py words niah otherwise; then this test needs a new family
+    seen = evaluation.held_out_suite(["niah"], [2000], n=2)
+    both = evaluation.held_out_suite(["niah"], [2000], n=2, wordings=("seen", "held_out"))
+    assert [t.seed for t in both[2000]] == [t.seed for t in seen[2000]]   # not twice, not relabelled
+    assert {getattr(t, "wording", "seen") for t in both[2000]} == {"seen"}
+    assert evaluation.held_out_suite(["niah"], [2000], n=2, wordings=("held_out",)) == {2000: []}
+
+
+def held_out_niah(monkeypatch):
+    """niah with a second wording of its question, as tasks.py will have it."""
+    original = tasks._GENERATORS["niah"]
+
+    def niah(rng, length, wording="seen"):
+        query, context, answer, scoring = original(rng, length)
+        if wording == "held_out":
+            query = "Which seven-digit code goes with " + re.search(r"number for (\S+) mentioned", query).group(1) + "?"
+        return query, context, answer, scoring
+
+    monkeypatch.setitem(tasks._GENERATORS, "niah", niah)
+
+
+def test_a_worded_family_gets_both_wordings_and_every_row_says_which(monkeypatch):
+    held_out_niah(monkeypatch)
+    assert evaluation.worded("niah") and not evaluation.worded("multihop")
+    suite = evaluation.held_out_suite(["niah", "multihop"], [2000], n=2, wordings=("seen", "held_out"))
+    wording = lambda t: getattr(t, "wording", "seen")  # noqa: E731  (tasks.Task may not have the field yet)
+    assert sorted((t.family, wording(t)) for t in suite[2000]) == sorted(
+        [("niah", "seen")] * 2 + [("multihop", "seen")] * 2 + [("niah", "held_out")] * 2)
+    held = [t for t in suite[2000] if wording(t) == "held_out"]
+    assert all(t.query.startswith("Which seven-digit code") for t in held)
+    assert [t.seed for t in held] == [t.seed for t in suite[2000] if t.family == "niah" and wording(t) == "seen"]
+
+    # The solver knows only the seen wording: it answers those and fails the others, and the rows say so.
+    niah_only = {2000: [t for t in suite[2000] if t.family == "niah"]}
+    records = asyncio.run(evaluation.evaluate(Batcher(ScriptedPolicy(needle_solver)), niah_only, ["rlm"],
+                                              {"max_new_tokens": 256, "max_turns": 1}, progress=False))
+    assert sorted(r["wording"] for r in records) == ["held_out", "held_out", "seen", "seen"]
+    rows = evaluation.summarize(records)
+    assert [(r["wording"], r["n"], r["correctness"]) for r in rows] == [("seen", 2, 1.0), ("held_out", 2, 0.0)]
+    table = evaluation.format_table(rows)
+    assert re.search(r"rlm\s+niah\s+seen\s+2,000\s+2\s+1\.00", table.split("\n")[2])
+    assert re.search(r"rlm\s+niah\s+held\s+2,000\s+2\s+0\.00", table.split("\n")[3])
+    floor = evaluation.floor_rows(niah_only)
+    assert [(r["wording"], r["n"]) for r in floor] == [("seen", 2), ("held_out", 2)]
+    assert "held" in evaluation.format_floor(floor)
+
+
+def test_the_wording_flag_refuses_what_it_cannot_do(tmp_path):
+    out = ["--out", str(tmp_path / "o.json")]
+    with pytest.raises(SystemExit, match="unknown --wording 'unseen'"):
+        evaluation.plan(evaluation.parse_args(["--tasks", "niah", "--wording", "unseen", *out]))
+    with pytest.raises(SystemExit, match="none of --tasks niah has held-out wordings"):
+        evaluation.plan(evaluation.parse_args(["--tasks", "niah", "--wording", "seen,held_out", *out]))
+
+
+def test_rows_from_before_wordings_still_print():
+    row = {"policy": "p", "method": "rlm", "family": "niah", "length": 2000, "n": 1, "correctness": 1.0,
+           "reward": 0.9, "prompt_tokens": 1, "generated_tokens": 1, "critical_path": 1, "turns": 1,
+           "sub_calls": 0, "concurrent_share": 0.0, "depth": 0, "wall_seconds": 0.1}   # as train.py's eval.jsonl
+    assert re.search(r"niah\s+seen\s+2,000", evaluation.format_table([row]))
