@@ -19,6 +19,9 @@ Methods:
 
 Every method of one evaluation shares one batcher, so all of them run concurrently.
 A score is only ever what the model produced: no fallback fills in an answer.
+A second table says how the runs met their mistakes: failed cells per run, how often the code
+after a traceback changed, how often a run with one still ended right, and how many replies
+fell into repeating themselves.
 """
 
 import argparse
@@ -28,6 +31,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
@@ -107,6 +111,8 @@ async def evaluate_one(batcher, task, method, length, rlm_settings, reward_confi
                                                                                 seed=task.seed)
         answer, cost, extra = rollout.answer, rollout.cost, {}
     extra.update(strategy_profile(rollout))
+    if rollout is None:  # the direct baseline's one reply is its answer, and can repeat itself too
+        extra.update(replies=1, degenerate_replies=int(is_degenerate(answer)))
     return run_record(task, method, length, answer, cost, extra, reward_config,
                       **({"trace": rollout} if keep_trace else {}))
 
@@ -187,7 +193,8 @@ def fisher_exact(k1, n1, k2, n2):
 
 
 def summarize(records):
-    """Mean of each figure per (policy, method, family, wording, length); policies in the order first seen."""
+    """Mean of each figure per (policy, method, family, wording, length); policies in the order first
+    seen. Error and repetition figures are pooled over the group's runs, each rate with its n."""
     keys = ["correctness", "reward", "prompt_tokens", "generated_tokens", "llm_query", "rlm_query",
             "depth", "critical_path", "wall_seconds", "turns", "sub_calls"]
     groups, policies, methods = {}, {}, list(METHODS) + [TEACHER]
@@ -209,6 +216,7 @@ def summarize(records):
         concurrent, sub_calls = sum(r["concurrent"] for r in rs), sum(r["sub_calls"] for r in rs)
         row["concurrent_share"] = concurrent / max(1, sub_calls)
         row["concurrent_ci"] = wilson(concurrent, sub_calls)
+        row.update(error_rates(rs))
         if method == "direct":
             row["context_cut"] = sum(r["context_cut"] for r in rs) / len(rs)
         if any("error" in r for r in rs):
@@ -221,12 +229,32 @@ def _wording_order(wording):
     return (WORDINGS.index(wording), "") if wording in WORDINGS else (len(WORDINGS), str(wording))
 
 
+def error_rates(records):
+    """How a group of runs met its own mistakes, pooled over the runs (records from before these
+    counts existed count as none):
+    errors               mean failed cells per run (see cell_errors)
+    changed_after_error  share of failed turns followed by code whose next code differs: the same
+                         cell again after a traceback cannot fix it; n = errors_followed
+    recovered            share of runs with a failed cell whose answer was fully correct; n = with_errors
+    degenerate           share of replies that repeat themselves (is_degenerate); n = replies
+    A rate with n = 0 is None, as is its interval: nothing was measured."""
+    count = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
+    with_errors = [r for r in records if r.get("errors", 0) > 0]
+    rates = {"errors": count("errors") / max(1, len(records))}
+    for name, hits, n, n_name in (
+            ("changed_after_error", count("errors_changed"), count("errors_followed"), "errors_followed"),
+            ("recovered", sum(r["correctness"] >= 1.0 for r in with_errors), len(with_errors), "with_errors"),
+            ("degenerate", count("degenerate_replies"), count("replies"), "replies")):
+        rates.update({name: hits / n if n else None, f"{name}_ci": wilson(hits, n) if n else None, n_name: n})
+    return rates
+
+
 def strategy_profile(rollout):
     """How a rollout went about it: root turns, sub-calls, and how many of them ran concurrently
-    with another sub-call of the same turn (neither waited for the other, by trace.dependencies).
-    None (the direct baseline): one turn, nothing else."""
+    with another sub-call of the same turn (neither waited for the other, by trace.dependencies);
+    and how it met its mistakes (error_profile). None (the direct baseline): one turn, nothing else."""
     if rollout is None:
-        return {"turns": 1, "sub_calls": 0, "concurrent": 0}
+        return {"turns": 1, "sub_calls": 0, "concurrent": 0, **error_profile(None)}
     sub_calls = concurrent = 0
     for call in rollout.calls:
         for turn in call.turns:
@@ -236,7 +264,77 @@ def strategy_profile(rollout):
             concurrent += sum(any(j != i and j not in waited[i] and i not in waited[j] for j in range(len(records)))
                               for i in range(len(records)))
     return {"turns": sum(t["reply"] is not None for t in rollout.calls[0].turns), "sub_calls": sub_calls,
-            "concurrent": concurrent}
+            "concurrent": concurrent, **error_profile(rollout)}
+
+
+# How repl.py shows a failed cell: a traceback (chained exceptions print one per link, joined by one
+# of the CHAINED sentences); a syntax error, which has no frames, as its bare 'File "<repl>", line N'
+# location; and a cell that ignored the interrupt at its time limit, in one sentence.
+TRACEBACK = "Traceback (most recent call last):"
+CHAINED = ("The above exception was the direct cause of the following exception:",
+           "During handling of the above exception, another exception occurred:")
+SYNTAX_ERROR = re.compile(r'^\s*File "<repl>", line \d+$', re.MULTILINE)
+HARD_TIMEOUT = "and did not stop when interrupted"
+
+
+def cell_errors(observation, cells):
+    """How many of a turn's cells failed with a Python error (or ran past their time limit), from
+    the turn's observation, which joins the outputs of its cells: at most one per cell."""
+    if not observation:
+        return 0
+    found = (observation.count(TRACEBACK) - sum(observation.count(c) for c in CHAINED)
+             + len(SYNTAX_ERROR.findall(observation)) + observation.count(HARD_TIMEOUT))
+    return max(0, min(cells, found))
+
+
+def _same_code(a, b):
+    return " ".join(" ".join(a["code"]).split()) == " ".join(" ".join(b["code"]).split())
+
+
+def error_profile(rollout):
+    """Counts over every call and turn of a rollout, for error_rates to pool: failed cells, failed
+    turns followed by a turn of the same call with code, how many of those changed the code, and
+    replies, how many of them degenerate. A turn's observation is kept only when another turn
+    follows it (rlm.py), so a failure in a call's last turn is not counted. None: all zero."""
+    counts = {"errors": 0, "errors_followed": 0, "errors_changed": 0, "replies": 0, "degenerate_replies": 0}
+    for call in rollout.calls if rollout is not None else []:
+        for turn, after in zip(call.turns, call.turns[1:] + [None]):
+            failed = cell_errors(turn["observation"], len(turn["code"]))
+            counts["errors"] += failed
+            if failed and after is not None and after["code"]:
+                counts["errors_followed"] += 1
+                counts["errors_changed"] += not _same_code(turn, after)
+            if turn["reply"] is not None:
+                counts["replies"] += 1
+                counts["degenerate_replies"] += is_degenerate(turn["reply"])
+    return counts
+
+
+REPEATED_RUN = re.compile(r"(.{20,}?)\1{2,}", re.DOTALL)
+
+
+def is_degenerate(text):
+    """Whether a reply has fallen into repetition, the loop a small model falls into when it has
+    lost the thread: one line of at least 8 non-blank characters 3 or more times, or one run of
+    at least 20 characters 3 or more times back to back ("print(x)print(x)print(x)", longer).
+    Short lines (a fence, "else:") may repeat in a sound reply, and so may a line or two."""
+    lines = ["".join(line.split()) for line in str(text or "").splitlines()]
+    seen = {}
+    for line in lines:
+        if len(line) >= 8:
+            seen[line] = seen.get(line, 0) + 1
+            if seen[line] >= 3:
+                return True
+    text = str(text or "")
+    # A run repeated 3 times holds one 20-character window 3 times; most replies have none, and
+    # the regex (quadratic in the length: about 0.1 s on 2,000 characters) runs only when one does.
+    windows = {}
+    for i in range(len(text) - 19):
+        window = text[i:i + 20]
+        windows[window] = windows.get(window, 0) + 1
+        if windows[window] >= 3:
+            return REPEATED_RUN.search(text) is not None
+    return False
 
 
 def format_table(rows):
@@ -258,9 +356,30 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def format_errors(rows):
+    """A second table, of how each row met its mistakes (error_rates): err/run = failed cells per
+    run; changed = share of failed turns whose next code differs; recov = share of runs with a
+    failed cell that ended correct; degen = share of replies that repeat themselves. Each rate
+    with its 95% interval and its n ("of"); "-" where n is 0."""
+    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'wording':<7} {'length':>8} {'n':>3} {'err/run':>7} "
+              + " ".join(f"{name:>7} {'95% CI':>11} {'of':>5}" for name in ("changed", "recov", "degen")))
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        rates = " ".join(f"{_rate(r.get(name)):>7} {_interval(r.get(name + '_ci')):>11} {r.get(n, 0):>5}"
+                         for name, n in (("changed_after_error", "errors_followed"), ("recovered", "with_errors"),
+                                         ("degenerate", "replies")))
+        lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {_wording(r):<7} {r['length']:>8,} "
+                     f"{r['n']:>3} {r.get('errors', 0):>7.2f} {rates}")
+    return "\n".join(lines)
+
+
 def _wording(row):
     """Rows from before wordings existed were all in the seen wording."""
     return {"held_out": "held"}.get(row.get("wording", "seen"), str(row.get("wording", "seen")))[:7]
+
+
+def _rate(rate):
+    return "-" if rate is None else f"{rate:.0%}"
 
 
 def _interval(ci):
@@ -493,6 +612,8 @@ def main(argv=None):
                      else f"{name} ({r['method']})"} for r in run]
         rows = save(args, records, floor)
     print(format_table(rows))
+    print("\nhow the runs met their mistakes (failed cells, the next code, recovery, replies that repeat themselves):")
+    print(format_errors(rows))
     print("\nwhat answers that never do the task earn (mean credit; best constant chosen knowing the answers):")
     print(format_floor(floor))
     if args.traces:
