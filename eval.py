@@ -6,6 +6,7 @@ critical path and wall-clock, per method and context length.
     python eval.py --adapter out/train/adapter            # a trained LoRA adapter
     python eval.py --tasks niah,multihop --lengths 8000,64000 --n 8 --methods rlm,direct
     python eval.py --jsonl my_benchmark.jsonl --methods rlm,direct
+    python eval.py --adapter out/train/adapter --wording seen,held_out    # questions worded as training never saw
     python eval.py --adapters "warm start=out/warm/adapter,RL=out/rl/adapter" --baselines 10   # one table
     python eval.py --traces out/eval_traces.jsonl && python view.py out/eval_traces.jsonl   # a page of the runs
 
@@ -18,14 +19,19 @@ Methods:
 
 Every method of one evaluation shares one batcher, so all of them run concurrently.
 A score is only ever what the model produced: no fallback fills in an answer.
+A second table says how the runs met their mistakes: failed cells per run, how often the code
+after a traceback changed, how often a run with one still ended right, and how many replies
+fell into repeating themselves.
 """
 
 import argparse
 import asyncio
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 from checks import InputError, adapter_folder, at_least, int_list, read_text, refuse, writable
 from reward import RewardConfig, compute_reward
 from rlm import BUDGETS, RLM, Batcher, default_budgets, strip_eos
+import tasks as tasks_module
 from tasks import FAMILIES, cheap_answers, load_jsonl, make_suite, score
 from trace import Cost, dependencies
 
@@ -46,6 +53,10 @@ METHODS = {
     "direct": None,
 }
 TEACHER = "teacher"  # one more method: the scripted teacher of teacher.py, one strategy per task, uniform
+
+# Question wordings: "seen" are the templates training draws from, "held_out" ones it never sees (for the
+# families whose generator takes a `wording`; see worded).
+WORDINGS = ("seen", "held_out")
 
 # RLM settings for evaluation: the CPU preset, as train.py's (which passes its own); `python eval.py`
 # takes the preset of its machine (rlm.default_budgets).
@@ -100,6 +111,8 @@ async def evaluate_one(batcher, task, method, length, rlm_settings, reward_confi
                                                                                 seed=task.seed)
         answer, cost, extra = rollout.answer, rollout.cost, {}
     extra.update(strategy_profile(rollout))
+    if rollout is None:  # the direct baseline's one reply is its answer, and can repeat itself too
+        extra.update(replies=1, degenerate_replies=int(is_degenerate(answer)))
     return run_record(task, method, length, answer, cost, extra, reward_config,
                       **({"trace": rollout} if keep_trace else {}))
 
@@ -107,7 +120,8 @@ async def evaluate_one(batcher, task, method, length, rlm_settings, reward_confi
 def run_record(task, method, length, answer, cost, extra, reward_config, **more):
     """One run's line of the results: what it answered, its score and reward, what it cost."""
     reward = compute_reward(score(task, answer), cost, reward_config)
-    return {"method": method, "family": task.family, "length": length, "seed": task.seed,
+    return {"method": method, "family": task.family, "wording": getattr(task, "wording", "seen"),
+            "length": length, "seed": task.seed,
             "answer": answer, "truth": task.answer, **reward,
             "prompt_tokens": cost.prompt_tokens, "generated_tokens": cost.generated_tokens,
             "llm_query": cost.sub_calls["llm_query"], "rlm_query": cost.sub_calls["rlm_query"],
@@ -179,18 +193,22 @@ def fisher_exact(k1, n1, k2, n2):
 
 
 def summarize(records):
-    """Mean of each figure per (policy, method, family, length); policies in the order first seen."""
+    """Mean of each figure per (policy, method, family, wording, length); policies in the order first
+    seen. Error and repetition figures are pooled over the group's runs, each rate with its n."""
     keys = ["correctness", "reward", "prompt_tokens", "generated_tokens", "llm_query", "rlm_query",
             "depth", "critical_path", "wall_seconds", "turns", "sub_calls"]
     groups, policies, methods = {}, {}, list(METHODS) + [TEACHER]
     for r in records:
         policies.setdefault(r.get("policy", ""), len(policies))
-        groups.setdefault((r.get("policy", ""), r["method"], r["family"], r["length"]), []).append(r)
+        key = (r.get("policy", ""), r["method"], r["family"], r.get("wording", "seen"), r["length"])
+        groups.setdefault(key, []).append(r)
     rows = []
     # str(family): a JSONL file may name families with numbers and words, which do not sort together
-    order = lambda kv: (policies[kv[0][0]], methods.index(kv[0][1]), str(kv[0][2]), kv[0][3])  # noqa: E731
-    for (label, method, family, length), rs in sorted(groups.items(), key=order):
-        row = {"policy": label, "method": method, "family": family, "length": length, "n": len(rs)}
+    order = lambda kv: (policies[kv[0][0]], methods.index(kv[0][1]), str(kv[0][2]),  # noqa: E731
+                        _wording_order(kv[0][3]), kv[0][4])
+    for (label, method, family, wording, length), rs in sorted(groups.items(), key=order):
+        row = {"policy": label, "method": method, "family": family, "wording": wording, "length": length,
+               "n": len(rs)}
         row.update({k: sum(r[k] for r in rs) / len(rs) for k in keys})
         row["answered"] = sum(r["answer"] is not None for r in rs) / len(rs)
         row["accuracy_ci"] = wilson(sum(r["correctness"] for r in rs), len(rs))
@@ -198,6 +216,7 @@ def summarize(records):
         concurrent, sub_calls = sum(r["concurrent"] for r in rs), sum(r["sub_calls"] for r in rs)
         row["concurrent_share"] = concurrent / max(1, sub_calls)
         row["concurrent_ci"] = wilson(concurrent, sub_calls)
+        row.update(error_rates(rs))
         if method == "direct":
             row["context_cut"] = sum(r["context_cut"] for r in rs) / len(rs)
         if any("error" in r for r in rs):
@@ -206,12 +225,36 @@ def summarize(records):
     return rows
 
 
+def _wording_order(wording):
+    return (WORDINGS.index(wording), "") if wording in WORDINGS else (len(WORDINGS), str(wording))
+
+
+def error_rates(records):
+    """How a group of runs met its own mistakes, pooled over the runs (records from before these
+    counts existed count as none):
+    errors               mean failed cells per run (see cell_errors)
+    changed_after_error  share of failed turns followed by code whose next code differs: the same
+                         cell again after a traceback cannot fix it; n = errors_followed
+    recovered            share of runs with a failed cell whose answer was fully correct; n = with_errors
+    degenerate           share of replies that repeat themselves (is_degenerate); n = replies
+    A rate with n = 0 is None, as is its interval: nothing was measured."""
+    count = lambda key: sum(r.get(key, 0) for r in records)  # noqa: E731
+    with_errors = [r for r in records if r.get("errors", 0) > 0]
+    rates = {"errors": count("errors") / max(1, len(records))}
+    for name, hits, n, n_name in (
+            ("changed_after_error", count("errors_changed"), count("errors_followed"), "errors_followed"),
+            ("recovered", sum(r["correctness"] >= 1.0 for r in with_errors), len(with_errors), "with_errors"),
+            ("degenerate", count("degenerate_replies"), count("replies"), "replies")):
+        rates.update({name: hits / n if n else None, f"{name}_ci": wilson(hits, n) if n else None, n_name: n})
+    return rates
+
+
 def strategy_profile(rollout):
     """How a rollout went about it: root turns, sub-calls, and how many of them ran concurrently
-    with another sub-call of the same turn (neither waited for the other, by trace.dependencies).
-    None (the direct baseline): one turn, nothing else."""
+    with another sub-call of the same turn (neither waited for the other, by trace.dependencies);
+    and how it met its mistakes (error_profile). None (the direct baseline): one turn, nothing else."""
     if rollout is None:
-        return {"turns": 1, "sub_calls": 0, "concurrent": 0}
+        return {"turns": 1, "sub_calls": 0, "concurrent": 0, **error_profile(None)}
     sub_calls = concurrent = 0
     for call in rollout.calls:
         for turn in call.turns:
@@ -221,24 +264,122 @@ def strategy_profile(rollout):
             concurrent += sum(any(j != i and j not in waited[i] and i not in waited[j] for j in range(len(records)))
                               for i in range(len(records)))
     return {"turns": sum(t["reply"] is not None for t in rollout.calls[0].turns), "sub_calls": sub_calls,
-            "concurrent": concurrent}
+            "concurrent": concurrent, **error_profile(rollout)}
+
+
+# How repl.py shows a failed cell: a traceback (chained exceptions print one per link, joined by one
+# of the CHAINED sentences); a syntax error, which has no frames, as its bare 'File "<repl>", line N'
+# location; and a cell that ignored the interrupt at its time limit, in one sentence.
+TRACEBACK = "Traceback (most recent call last):"
+CHAINED = ("The above exception was the direct cause of the following exception:",
+           "During handling of the above exception, another exception occurred:")
+SYNTAX_ERROR = re.compile(r'^\s*File "<repl>", line \d+$', re.MULTILINE)
+HARD_TIMEOUT = "and did not stop when interrupted"
+
+
+def cell_errors(observation, cells):
+    """How many of a turn's cells failed with a Python error (or ran past their time limit), from
+    the turn's observation, which joins the outputs of its cells: at most one per cell."""
+    if not observation:
+        return 0
+    found = (observation.count(TRACEBACK) - sum(observation.count(c) for c in CHAINED)
+             + len(SYNTAX_ERROR.findall(observation)) + observation.count(HARD_TIMEOUT))
+    return max(0, min(cells, found))
+
+
+def _same_code(a, b):
+    return " ".join(" ".join(a["code"]).split()) == " ".join(" ".join(b["code"]).split())
+
+
+def error_profile(rollout):
+    """Counts over every call and turn of a rollout, for error_rates to pool: failed cells, failed
+    turns followed by a turn of the same call with code, how many of those changed the code, and
+    replies, how many of them degenerate. A turn's observation is kept only when another turn
+    follows it (rlm.py), so a failure in a call's last turn is not counted. None: all zero."""
+    counts = {"errors": 0, "errors_followed": 0, "errors_changed": 0, "replies": 0, "degenerate_replies": 0}
+    for call in rollout.calls if rollout is not None else []:
+        for turn, after in zip(call.turns, call.turns[1:] + [None]):
+            failed = cell_errors(turn["observation"], len(turn["code"]))
+            counts["errors"] += failed
+            if failed and after is not None and after["code"]:
+                counts["errors_followed"] += 1
+                counts["errors_changed"] += not _same_code(turn, after)
+            if turn["reply"] is not None:
+                counts["replies"] += 1
+                counts["degenerate_replies"] += is_degenerate(turn["reply"])
+    return counts
+
+
+REPEATED_RUN = re.compile(r"(.{20,}?)\1{2,}", re.DOTALL)
+
+
+def is_degenerate(text):
+    """Whether a reply has fallen into repetition, the loop a small model falls into when it has
+    lost the thread: one line of at least 8 non-blank characters 3 or more times, or one run of
+    at least 20 characters 3 or more times back to back ("print(x)print(x)print(x)", longer).
+    Short lines (a fence, "else:") may repeat in a sound reply, and so may a line or two."""
+    lines = ["".join(line.split()) for line in str(text or "").splitlines()]
+    seen = {}
+    for line in lines:
+        if len(line) >= 8:
+            seen[line] = seen.get(line, 0) + 1
+            if seen[line] >= 3:
+                return True
+    text = str(text or "")
+    # A run repeated 3 times holds one 20-character window 3 times; most replies have none, and
+    # the regex (quadratic in the length: about 0.1 s on 2,000 characters) runs only when one does.
+    windows = {}
+    for i in range(len(text) - 19):
+        window = text[i:i + 20]
+        windows[window] = windows.get(window, 0) + 1
+        if windows[window] >= 3:
+            return REPEATED_RUN.search(text) is not None
+    return False
 
 
 def format_table(rows):
     """One line per row: accuracy with its 95% interval, reward, cost and the strategy profile
-    (conc = share of sub-calls run concurrently)."""
-    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'length':>8} {'n':>3} {'acc':>5} {'95% CI':>11} {'reward':>7} "
-              f"{'prompt':>7} {'gen':>5} {'crit':>5} {'turns':>5} {'subs':>5} {'conc':>5} {'depth':>5} {'wall_s':>6}")
+    (conc = share of sub-calls run concurrently; wording: the question templates, seen in training
+    or held out)."""
+    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'wording':<7} {'length':>8} {'n':>3} {'acc':>5} "
+              f"{'95% CI':>11} {'reward':>7} {'prompt':>7} {'gen':>5} {'crit':>5} {'turns':>5} {'subs':>5} "
+              f"{'conc':>5} {'depth':>5} {'wall_s':>6}")
     lines = [header, "-" * len(header)]
     for r in rows:
         note = f"  (context cut in {r['context_cut']:.0%})" if r.get("context_cut") else ""
         note += f"  ({r['failed']} failed, scored 0: see \"error\" in the records)" if r.get("failed") else ""
-        lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {r['length']:>8,} {r['n']:>3} "
-                     f"{r['correctness']:>5.2f} {_interval(r.get('accuracy_ci')):>11} {r['reward']:>7.4f} {r['prompt_tokens']:>7.0f} "
-                     f"{r['generated_tokens']:>5.0f} {r['critical_path']:>5.0f} {r['turns']:>5.1f} "
-                     f"{r['sub_calls']:>5.1f} {r['concurrent_share']:>5.0%} {r['depth']:>5.1f} "
+        lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {_wording(r):<7} {r['length']:>8,} "
+                     f"{r['n']:>3} {r['correctness']:>5.2f} {_interval(r.get('accuracy_ci')):>11} {r['reward']:>7.4f} "
+                     f"{r['prompt_tokens']:>7.0f} {r['generated_tokens']:>5.0f} {r['critical_path']:>5.0f} "
+                     f"{r['turns']:>5.1f} {r['sub_calls']:>5.1f} {r['concurrent_share']:>5.0%} {r['depth']:>5.1f} "
                      f"{r['wall_seconds']:>6.1f}{note}")
     return "\n".join(lines)
+
+
+def format_errors(rows):
+    """A second table, of how each row met its mistakes (error_rates): err/run = failed cells per
+    run; changed = share of failed turns whose next code differs; recov = share of runs with a
+    failed cell that ended correct; degen = share of replies that repeat themselves. Each rate
+    with its 95% interval and its n ("of"); "-" where n is 0."""
+    header = (f"{'policy':<18} {'method':<10} {'family':<9} {'wording':<7} {'length':>8} {'n':>3} {'err/run':>7} "
+              + " ".join(f"{name:>7} {'95% CI':>11} {'of':>5}" for name in ("changed", "recov", "degen")))
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        rates = " ".join(f"{_rate(r.get(name)):>7} {_interval(r.get(name + '_ci')):>11} {r.get(n, 0):>5}"
+                         for name, n in (("changed_after_error", "errors_followed"), ("recovered", "with_errors"),
+                                         ("degenerate", "replies")))
+        lines.append(f"{r['policy'][:18]:<18} {r['method']:<10} {r['family']:<9} {_wording(r):<7} {r['length']:>8,} "
+                     f"{r['n']:>3} {r.get('errors', 0):>7.2f} {rates}")
+    return "\n".join(lines)
+
+
+def _wording(row):
+    """Rows from before wordings existed were all in the seen wording."""
+    return {"held_out": "held"}.get(row.get("wording", "seen"), str(row.get("wording", "seen")))[:7]
+
+
+def _rate(rate):
+    return "-" if rate is None else f"{rate:.0%}"
 
 
 def _interval(ci):
@@ -258,15 +399,15 @@ def best_constant(tasks):
 
 
 def floor_rows(tasks_by_length):
-    """What answers that never do the task earn, per family and length: each cheap answer of
-    tasks.cheap_answers (the whole context, a key-blind first match, every candidate at once)
+    """What answers that never do the task earn, per family, wording and length: each cheap answer
+    of tasks.cheap_answers (the whole context, a key-blind first match, every candidate at once)
     and the best constant. A policy's accuracy means something only well above these."""
     rows = []
     for length, tasks in tasks_by_length.items():
-        by_family = {}
+        groups = {}
         for t in tasks:
-            by_family.setdefault(str(t.family), []).append(t)
-        for family, ts in sorted(by_family.items()):
+            groups.setdefault((str(t.family), getattr(t, "wording", "seen")), []).append(t)
+        for (family, wording), ts in sorted(groups.items(), key=lambda kv: (kv[0][0], _wording_order(kv[0][1]))):
             credit = {}
             for t in ts:
                 scored = {}   # pairs' first match is its every candidate: a list of every pair, scored once
@@ -274,7 +415,7 @@ def floor_rows(tasks_by_length):
                     if answer not in scored:
                         scored[answer] = score(t, answer)
                     credit.setdefault(name, []).append(scored[answer])
-            row = {"family": family, "length": length, "n": len(ts),
+            row = {"family": family, "wording": wording, "length": length, "n": len(ts),
                    **{name: sum(v) / len(v) for name, v in credit.items()}}
             row["best constant"] = best_constant(ts)[1]
             rows.append(row)
@@ -282,20 +423,43 @@ def floor_rows(tasks_by_length):
 
 
 def format_floor(rows):
-    """The floor as a table: mean credit of each cheap answer per family and length."""
+    """The floor as a table: mean credit of each cheap answer per family, wording and length."""
     names = ["whole context", "first match", "every candidate", "best constant"]
-    header = f"{'floor: family':<15} {'length':>8} {'n':>3} " + " ".join(f"{n:>15}" for n in names)
+    header = f"{'floor: family':<15} {'wording':<7} {'length':>8} {'n':>3} " + " ".join(f"{n:>15}" for n in names)
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['family'][:15]:<15} {r['length']:>8,} {r['n']:>3} "
+        lines.append(f"{r['family'][:15]:<15} {_wording(r):<7} {r['length']:>8,} {r['n']:>3} "
                      + " ".join(f"{r[n]:>15.3f}" if n in r else f"{'-':>15}" for n in names))
     return "\n".join(lines)
 
 
-def held_out_suite(families, lengths, n, split="eval", start=0):
+def worded(family):
+    """Whether tasks.py can ask this family's questions in other wordings (its generator takes a
+    `wording` variant); the others have one wording, the one training sees."""
+    generator = tasks_module._GENERATORS.get(family)
+    return generator is not None and "wording" in inspect.signature(generator).parameters
+
+
+def held_out_suite(families, lengths, n, split="eval", start=0, wordings=("seen",)):
     """Tasks by length, from a split that training never draws from (tasks.task_seed gives each
-    split its own seeds): "eval" for reported figures, "validation" for the curriculum's choices."""
-    return {length: make_suite(families, [length], n, split=split, start=start) for length in lengths}
+    split its own seeds): "eval" for reported figures, "validation" for the curriculum's choices.
+
+    wordings: "seen" (the templates training draws from) and/or "held_out" (ones it never sees: does
+    the policy answer the question, or match a string?). Each wording gets the same n tasks per family
+    and length; "held_out" only for the families that have it (worded), so none is counted twice."""
+    suite = {length: [] for length in lengths}
+    for wording in wordings:
+        chosen = [f for f in families if wording == "seen" or worded(f)]
+        if not chosen:
+            continue
+        variants = {f: {"wording": wording} for f in chosen if worded(f)}
+        for length in lengths:
+            tasks = make_suite(chosen, [length], n, split=split, start=start, variants=variants)
+            for task in tasks:  # said here too, in case tasks.py does not record it on the task
+                if getattr(task, "wording", "seen") != wording:
+                    task.wording = wording
+            suite[length] += tasks
+    return suite
 
 
 def parse_args(argv=None):
@@ -316,6 +480,9 @@ def parse_args(argv=None):
     parser.add_argument("--split", default="eval", choices=["eval", "validation"],
                         help="which held-out seed space the tasks come from (training never draws from either)")
     parser.add_argument("--start", type=int, default=0, help="index of the first task in the split, at least 0")
+    parser.add_argument("--wording", default="seen",
+                        help="question wordings, comma-separated, from seen (training's templates) and held_out "
+                             "(templates training never sees; only families that have them, tasks.py)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated, from {','.join(list(METHODS) + [TEACHER])}")
     parser.add_argument("--jsonl", default=None, help="evaluate records from this JSONL file instead "
@@ -339,6 +506,7 @@ def plan(args):
     methods = list(dict.fromkeys(args.methods.split(",")))
     unknown = [m for m in methods if m not in METHODS and m != TEACHER]
     families = args.tasks.split(",")
+    wordings = list(dict.fromkeys(args.wording.split(",")))
     lengths, lengths_problem = int_list("--lengths", args.lengths, low=1)
     refuse("eval.py", [
         at_least("--n", args.n, 1), at_least("--baselines", args.baselines, 0),
@@ -350,6 +518,14 @@ def plan(args):
         not args.jsonl and any(f not in FAMILIES for f in families)
         and f"unknown --tasks {args.tasks!r}; choose from {','.join(FAMILIES)}",
         not args.jsonl and lengths_problem,
+        any(w not in WORDINGS for w in wordings)
+        and f"unknown --wording {args.wording!r}; choose from {','.join(WORDINGS)}, comma-separated",
+        "held_out" in wordings and args.jsonl and "--wording held_out rewords generated tasks; a --jsonl file "
+        "has its own wording: leave --wording out",
+        "held_out" in wordings and not args.jsonl and all(f in FAMILIES for f in families)
+        and not any(worded(f) for f in families)
+        and f"--wording held_out: none of --tasks {args.tasks} has held-out wordings in tasks.py yet "
+            f"(families that do: {','.join(f for f in FAMILIES if worded(f)) or 'none'})",
         args.adapter and args.adapters and "give --adapter or --adapters, not both",
         args.baselines and not (args.adapter or args.adapters)
         and "--baselines compares adapters with the untrained model, which this run evaluates already; "
@@ -389,7 +565,8 @@ def plan(args):
         writable(args.traces, "--traces", inputs=[args.jsonl])
     if not args.jsonl:
         try:
-            tasks_by_length = held_out_suite(families, lengths, args.n, split=args.split, start=args.start)
+            tasks_by_length = held_out_suite(families, lengths, args.n, split=args.split, start=args.start,
+                                            wordings=wordings)
         except ValueError as e:  # e.g. a length too small for a family: tasks.py says which and how small
             raise InputError(f"--lengths: {e}") from None
     runs = [(name, folder, methods, tasks_by_length) for name, folder in runs]
@@ -435,6 +612,8 @@ def main(argv=None):
                      else f"{name} ({r['method']})"} for r in run]
         rows = save(args, records, floor)
     print(format_table(rows))
+    print("\nhow the runs met their mistakes (failed cells, the next code, recovery, replies that repeat themselves):")
+    print(format_errors(rows))
     print("\nwhat answers that never do the task earn (mean credit; best constant chosen knowing the answers):")
     print(format_floor(floor))
     if args.traces:
