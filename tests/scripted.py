@@ -69,3 +69,10 @@ class ScriptedPolicy:  # rlm.SamplingPolicy with canned replies
 
 def repl_block(code):
     return f"```repl\n{code}\n```"
+
+
+NEEDLE_SOLVER = repl_block(   # any wording: the query's word with a digit that the context holds, then its line's value
+    "import re\n"
+    "key = next(w for w in re.findall(r'[\\w-]+(?:\\.[\\w-]+)*', query) if re.search(r'\\d', w) and w in context)\n"
+    "line = next(l for l in context.splitlines() if key in l)\n"
+    "FINAL(max(re.findall(r'[\\w,-]*\\d[\\w,-]*', line.replace(key, ' ')), key=len))")

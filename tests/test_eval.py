@@ -17,15 +17,12 @@ import tasks
 from repl import REPL
 from reward import RewardConfig
 from rlm import Batcher
-from scripted import ScriptedPolicy, parse, repl_block
+from scripted import NEEDLE_SOLVER, ScriptedPolicy, parse, repl_block
 from trace import Call, Cost, Rollout
 
 ROOT = Path(__file__).resolve().parents[1]   # eval.py runs from here, whatever the working directory
 
-SOLVER = repl_block(
-    "import re\n"
-    "key = re.search(r'number for (\\S+) mentioned', query).group(1)\n"
-    "FINAL(re.search(re.escape(key) + r' is (\\d+)', context).group(1))")
+SOLVER = NEEDLE_SOLVER
 
 
 def needle_solver(text):
@@ -36,7 +33,7 @@ def needle_solver(text):
 def test_evaluate_scores_what_the_model_produced_for_every_method_and_length():
     suite = evaluation.held_out_suite(["niah"], [2000, 6000], n=2)
     policy = ScriptedPolicy(needle_solver)
-    settings = {"max_new_tokens": 256}  # the solver's code is longer than the CPU default reply
+    settings = {"max_new_tokens": 512}  # the solver's code is longer than the CPU default reply
     records = asyncio.run(evaluation.evaluate(Batcher(policy), suite, list(evaluation.METHODS), settings,
                                               progress=False))
     assert len(records) == 2 * 2 * len(evaluation.METHODS)
@@ -103,7 +100,7 @@ def test_fisher_exact_matches_known_values():
 def test_every_row_carries_n_and_a_95_percent_interval():
     suite = evaluation.held_out_suite(["niah"], [2000], n=3)
     records = asyncio.run(evaluation.evaluate(Batcher(ScriptedPolicy(needle_solver)), suite, ["rlm", "direct"],
-                                              {"max_new_tokens": 256}, progress=False))
+                                              {"max_new_tokens": 512}, progress=False))
     rows = {r["method"]: r for r in evaluation.summarize(records)}
     assert rows["rlm"]["n"] == 3 and rows["rlm"]["solved"] == 3 and rows["rlm"]["accuracy_ci"] == evaluation.wilson(3, 3)
     assert rows["direct"]["accuracy_ci"] == evaluation.wilson(0, 3)
@@ -138,48 +135,34 @@ def test_best_constant_is_the_best_single_answer():
 
 
 def test_a_family_without_wordings_is_evaluated_once_in_the_seen_wording():
-    assert not evaluation.worded("niah")   # until tasks.py words niah otherwise; then this test needs a new family
-    seen = evaluation.held_out_suite(["niah"], [2000], n=2)
-    both = evaluation.held_out_suite(["niah"], [2000], n=2, wordings=("seen", "held_out"))
+    assert not evaluation.worded("aggregate")
+    seen = evaluation.held_out_suite(["aggregate"], [2000], n=2)
+    both = evaluation.held_out_suite(["aggregate"], [2000], n=2, wordings=("seen", "held_out"))
     assert [t.seed for t in both[2000]] == [t.seed for t in seen[2000]]   # not twice, not relabelled
-    assert {getattr(t, "wording", "seen") for t in both[2000]} == {"seen"}
-    assert evaluation.held_out_suite(["niah"], [2000], n=2, wordings=("held_out",)) == {2000: []}
+    assert {t.wording for t in both[2000]} == {"seen"}
+    assert evaluation.held_out_suite(["aggregate"], [2000], n=2, wordings=("held_out",)) == {2000: []}
 
 
-def held_out_niah(monkeypatch):
-    """niah with a second wording of its question, as tasks.py will have it."""
-    original = tasks._GENERATORS["niah"]
+def test_a_worded_family_gets_both_wordings_and_every_row_says_which():
+    assert evaluation.worded("niah") and not evaluation.worded("aggregate")
+    suite = evaluation.held_out_suite(["niah", "aggregate"], [2000], n=2, wordings=("seen", "held_out"))
+    assert sorted((t.family, t.wording) for t in suite[2000]) == sorted(
+        [("niah", "seen")] * 2 + [("aggregate", "seen")] * 2 + [("niah", "held_out")] * 2)
+    held = [t for t in suite[2000] if t.wording == "held_out"]
+    held_questions = [q.split("{k}")[0] for q in tasks.NIAH_QUESTIONS["held_out"]]
+    assert all(any(q in t.query for q in held_questions) for t in held)
+    assert [t.seed for t in held] == [t.seed for t in suite[2000] if t.family == "niah" and t.wording == "seen"]
 
-    def niah(rng, length, wording="seen"):
-        query, context, answer, scoring = original(rng, length)
-        if wording == "held_out":
-            query = "Which seven-digit code goes with " + re.search(r"number for (\S+) mentioned", query).group(1) + "?"
-        return query, context, answer, scoring
-
-    monkeypatch.setitem(tasks._GENERATORS, "niah", niah)
-
-
-def test_a_worded_family_gets_both_wordings_and_every_row_says_which(monkeypatch):
-    held_out_niah(monkeypatch)
-    assert evaluation.worded("niah") and not evaluation.worded("multihop")
-    suite = evaluation.held_out_suite(["niah", "multihop"], [2000], n=2, wordings=("seen", "held_out"))
-    wording = lambda t: getattr(t, "wording", "seen")  # noqa: E731  (tasks.Task may not have the field yet)
-    assert sorted((t.family, wording(t)) for t in suite[2000]) == sorted(
-        [("niah", "seen")] * 2 + [("multihop", "seen")] * 2 + [("niah", "held_out")] * 2)
-    held = [t for t in suite[2000] if wording(t) == "held_out"]
-    assert all(t.query.startswith("Which seven-digit code") for t in held)
-    assert [t.seed for t in held] == [t.seed for t in suite[2000] if t.family == "niah" and wording(t) == "seen"]
-
-    # The solver knows only the seen wording: it answers those and fails the others, and the rows say so.
+    # The solver reads any wording (a word of the query with a digit, then its line): rows per wording.
     niah_only = {2000: [t for t in suite[2000] if t.family == "niah"]}
     records = asyncio.run(evaluation.evaluate(Batcher(ScriptedPolicy(needle_solver)), niah_only, ["rlm"],
-                                              {"max_new_tokens": 256, "max_turns": 1}, progress=False))
+                                              {"max_new_tokens": 512, "max_turns": 1}, progress=False))
     assert sorted(r["wording"] for r in records) == ["held_out", "held_out", "seen", "seen"]
     rows = evaluation.summarize(records)
-    assert [(r["wording"], r["n"], r["correctness"]) for r in rows] == [("seen", 2, 1.0), ("held_out", 2, 0.0)]
+    assert [(r["wording"], r["n"], r["correctness"]) for r in rows] == [("seen", 2, 1.0), ("held_out", 2, 1.0)]
     table = evaluation.format_table(rows)
     assert re.search(r"rlm\s+niah\s+seen\s+2,000\s+2\s+1\.00", table.split("\n")[2])
-    assert re.search(r"rlm\s+niah\s+held\s+2,000\s+2\s+0\.00", table.split("\n")[3])
+    assert re.search(r"rlm\s+niah\s+held\s+2,000\s+2\s+1\.00", table.split("\n")[3])
     floor = evaluation.floor_rows(niah_only)
     assert [(r["wording"], r["n"]) for r in floor] == [("seen", 2), ("held_out", 2)]
     assert "held" in evaluation.format_floor(floor)
@@ -189,8 +172,8 @@ def test_the_wording_flag_refuses_what_it_cannot_do(tmp_path):
     out = ["--out", str(tmp_path / "o.json")]
     with pytest.raises(SystemExit, match="unknown --wording 'unseen'"):
         evaluation.plan(evaluation.parse_args(["--tasks", "niah", "--wording", "unseen", *out]))
-    with pytest.raises(SystemExit, match="none of --tasks niah has held-out wordings"):
-        evaluation.plan(evaluation.parse_args(["--tasks", "niah", "--wording", "seen,held_out", *out]))
+    with pytest.raises(SystemExit, match="none of --tasks aggregate has held-out wordings"):
+        evaluation.plan(evaluation.parse_args(["--tasks", "aggregate", "--wording", "seen,held_out", *out]))
 
 
 def test_rows_from_before_wordings_still_print():
@@ -324,7 +307,7 @@ def test_a_run_that_resubmits_then_fixes_its_cell_is_counted_through_the_real_lo
         return broken if parse(text)["turn"] < 2 else SOLVER
 
     records = asyncio.run(evaluation.evaluate(Batcher(ScriptedPolicy(script)), suite, ["rlm", "direct"],
-                                              {"max_new_tokens": 256, "max_turns": 4}, progress=False))
+                                              {"max_new_tokens": 512, "max_turns": 4}, progress=False))
     rlm, direct = records
     assert rlm["correctness"] == 1.0 and rlm["turns"] == 3
     assert (rlm["errors"], rlm["errors_followed"], rlm["errors_changed"]) == (2, 2, 1)

@@ -17,7 +17,7 @@ import pytest
 import eval as evaluation
 import view
 from rlm import RLM, Batcher
-from scripted import EOS, ScriptedPolicy, ScriptedSample, parse, repl_block
+from scripted import EOS, NEEDLE_SOLVER, ScriptedPolicy, ScriptedSample, parse, repl_block
 from trace import Call, Cost, Rollout, critical_calls, heaviest_chain, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]   # the scripts run from here, whatever the working directory
@@ -275,10 +275,9 @@ def test_any_string_in_a_trace_is_written_as_valid_utf8_and_shown(rollout, tmp_p
 
 def test_index_of_eval_records_and_the_command_line(rollout, tmp_path):
     suite = evaluation.held_out_suite(["niah"], [2000], n=1, start=7)
-    solver = repl_block("import re\nkey = re.search(r'number for (\\S+) mentioned', query).group(1)\n"
-                        "FINAL(re.search(re.escape(key) + r' is (\\d+)', context).group(1))")
+    solver = NEEDLE_SOLVER
     policy = ScriptedPolicy(lambda text: solver if parse(text)["kind"] == "rlm" else "1234567")
-    records = asyncio.run(evaluation.evaluate(Batcher(policy), suite, ["rlm", "direct"], {"max_new_tokens": 256},
+    records = asyncio.run(evaluation.evaluate(Batcher(policy), suite, ["rlm", "direct"], {"max_new_tokens": 512},
                                               progress=False, keep_traces=True))
     assert [r["trace"] is not None for r in records] == [True, False]  # direct has no call tree
     path = tmp_path / "eval_traces.jsonl"
