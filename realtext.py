@@ -12,7 +12,9 @@ Two kinds of documents, both read from the running Python's own files (no downlo
 
 Each document belongs to one part, "seen" or "held_out", by the SHA-256 of its name (one
 in HELD_OUT_ONE_IN held out), so text used for held-out evaluation is never in training,
-whatever the seeds. The text depends on the Python version installed (3.11 here): the same
+whatever the seeds. Documents share lines (manual topics repeat sentences, modules repeat
+code), so held-out filler also leaves out every line of 30 or more characters that a seen
+document holds. The text depends on the Python version installed (3.11 here): the same
 seed gives the same text on the same install, not across versions.
 
   real_filler_lines(rng, n_chars, kind, part, reject)   distractor lines of real text
@@ -51,6 +53,9 @@ KINDS = ("prose", "code")
 PARTS = ("seen", "held_out")
 HELD_OUT_ONE_IN = 4   # one document in 4 is held out
 SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "lib2to3", "pydoc_data", "__pycache__"})
+# Documents share lines (a third of the long lines of held-out manual topics are in seen ones too):
+# held-out filler leaves out every line of at least this many characters that a seen document has.
+SHARED_LINE_MIN_CHARS = 30
 LONG_DIGITS = re.compile(r"\d{5}")   # a line with such a run could look like a 7-digit niah answer
 # Characters str.splitlines() breaks at besides "\n": removed, so a line is a line for every reader.
 _OTHER_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -104,8 +109,18 @@ def document_text(kind, name):
 
 
 @functools.lru_cache(maxsize=None)
+def _seen_lines(kind):
+    return frozenset(line for name in documents(kind, "seen") for line in document_text(kind, name).split("\n")
+                     if len(line.strip()) >= SHARED_LINE_MIN_CHARS)
+
+
+@functools.lru_cache(maxsize=None)
 def _filler_lines_of(kind, name):
-    return tuple(line for line in document_text(kind, name).split("\n") if not LONG_DIGITS.search(line))
+    lines = [line for line in document_text(kind, name).split("\n") if not LONG_DIGITS.search(line)]
+    if part_of(name) == "held_out":  # documents share sentences: held-out filler holds none of the seen ones
+        seen = _seen_lines(kind)
+        lines = [line for line in lines if len(line.strip()) < SHARED_LINE_MIN_CHARS or line not in seen]
+    return tuple(lines)
 
 
 def real_filler_lines(rng, n_chars, kind="prose", part="seen", reject=None):
