@@ -578,3 +578,123 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# -----------------------------------------------------------------------------
+# The source family (realtext.py): questions about one function of real stdlib code
+#
+#   look     print the function's signature; answer from it in a second turn
+#   parse    cut the signature at top-level commas in the REPL, FINAL in one turn   (cheapest)
+#   recover  a narrow one-line regex first; after its error, print the 400 characters from
+#            `def NAME(` and answer from them, as look does (never the failed cell again)
+#
+# The REPL may not import ast, so `parse` reads the signature with regexes, as
+# realtext.read_signature does (source tasks only ask about signatures these read as ast does);
+# the teacher itself reads printed signatures with ast, as a model reads code.
+
+import ast  # noqa: E402  (this section's own import, kept beside the code that uses it)
+
+from realtext import parse_source_query  # noqa: E402
+
+SOURCE_STRATEGIES = ("look", "parse", "recover")
+PLANS.update({
+    ("source", "look"): ("print the signature, then answer", "look at the def line first"),
+    ("source", "parse"): ("split the signature at top-level commas", "parse the def line in code"),
+    ("source", "recover"): ("a one-line regex, and look if it fails", "try a simple regex on the def line first"),
+})
+
+
+def source_turn(query, observations, strategy, rng):
+    """The next reply of the root of a source task, from its query and the observations so far."""
+    asked = parse_source_query(query)
+    if asked is None:
+        return final_reply(NOT_FOUND, rng)
+    kind, name, param = asked
+    if strategy == "parse" or strategy not in SOURCE_STRATEGIES:
+        return code(rng, signature_parse_code(kind, name, param, rng), ("source", "parse"))
+    if strategy == "look":
+        if not observations:
+            return code(rng, print_signature_code(name, rng), ("source", "look"))
+        return answer_from_signature(kind, name, param, observations[-1], rng)
+    if not observations:  # recover: a narrow attempt that FINALs when it matches
+        return code(rng, narrow_code(kind, name, param), ("source", "recover"))
+    if len(observations) == 1:  # it failed (a success would have ended the rollout): look around
+        at, width = rng.choice(["i", "at", "start"]), 400
+        return code(rng, f"{at} = context.find('def {name}(')\nprint(context[{at}:{at} + {width}])")
+    return answer_from_signature(kind, name, param, observations[-1], rng)
+
+
+def print_signature_code(name, rng):
+    at = rng.choice(["i", "at", "start"])
+    if rng.random() < 0.5:  # up to the end of the signature
+        return (f"{at} = context.find('def {name}(')\n"
+                f"ends = [k for k in (context.find('):', {at}), context.find(') ->', {at})) if k > {at}]\n"
+                f"print(context[{at}:min(ends + [{at} + 400]) + 2])")
+    return f"{at} = context.find('def {name}(')\nprint(context[{at}:{at} + {rng.choice([320, 400])}])"
+
+
+def signature_parse_code(kind, name, param, rng):
+    """Code that reads the signature with two regexes: up to the first ")" then ":" (or "-> type:"),
+    then cut at the commas that no bracket encloses."""
+    sig, ps = rng.choice(["sig", "signature", "s"]), rng.choice(["ps", "parts", "pieces"])
+    walk = (f"{sig} = re.search(r\"def {name}\\((.*?)\\)(?: ->[^:\\n]*)?:\", context, re.S)[1]\n"
+            f"{ps} = re.split(r\",(?![^(\\[{{]*[)\\]}}])\", {sig})\n")
+    if kind == "default":
+        return walk + f"FINAL(next(x.split('=', 1)[1] for x in {ps} if re.match(r'\\W*{param}\\b', x)).strip())"
+    names = rng.choice(["names", "params"])
+    walk += f"{names} = [re.match(r'\\W*(\\w+)', x)[1] for x in {ps} if re.search(r'\\w', x)]\n"
+    return walk + {"first_param": f"FINAL({names}[0])", "n_params": f"FINAL(len({names}))",
+                   "params": f"FINAL({names})"}[kind]
+
+
+def narrow_code(kind, name, param):
+    """One regex that assumes a one-line signature of plain names: it fails (an error) otherwise."""
+    if kind == "first_param":
+        return f'FINAL(re.search(r"def {name}\\((\\w+)[,)]", context).group(1))'
+    plain = f're.findall(r"\\w+", re.search(r"def {name}\\(([\\w, ]*)\\)", context).group(1))'
+    if kind == "n_params":
+        return f"FINAL(len({plain}))"
+    if kind == "params":
+        return f"FINAL({plain})"
+    return (f"FINAL(re.search(r\"def {name}\\([^)\\n]*?\\b{param}=(\\w+|'[^'\\n]*'|\\\"[^\\\"\\n]*\\\")[,)]\", "
+            f"context).group(1))")
+
+
+def read_printed_signature(name, text):
+    """(ast.FunctionDef, its source) of `def NAME(...)` as printed in text, or None: cut at the
+    first ")" that makes it parse."""
+    start = text.find(f"def {name}(")
+    if start < 0:
+        return None
+    for end in (i for i, c in enumerate(text) if c == ")" and i > start):
+        source = text[start:end + 1] + ": pass"
+        try:
+            return ast.parse(source).body[0], source
+        except SyntaxError:
+            continue
+    return None
+
+
+def answer_from_signature(kind, name, param, observation, rng):
+    found = read_printed_signature(name, observation)
+    if found is None:
+        return final_reply(NOT_FOUND, rng)
+    node, source = found
+    a = node.args
+    names = [p.arg for p in a.posonlyargs + a.args] + ([a.vararg.arg] if a.vararg else []) + \
+        [p.arg for p in a.kwonlyargs] + ([a.kwarg.arg] if a.kwarg else [])
+    if kind == "first_param":
+        return final_reply(names[0], rng)
+    if kind == "n_params":
+        return final_reply(len(names), rng)
+    if kind == "params":
+        return final_reply(names, rng)
+    positional = a.posonlyargs + a.args
+    defaults = dict(zip([p.arg for p in positional[len(positional) - len(a.defaults):]], a.defaults))
+    defaults.update((p.arg, d) for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None)
+    if param not in defaults:
+        return final_reply(NOT_FOUND, rng)
+    value = ast.get_source_segment(source, defaults[param])
+    if "(" in value or ")" in value:  # FINAL(...) in text ends at its matching ")": pass it in code
+        return code(rng, f"FINAL({value!r})")
+    return final_reply(value, rng)
