@@ -83,7 +83,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-FAMILIES = ("niah", "aggregate", "pairs", "multihop")
+from realtext import real_filler_lines, source_cheap_answers, source_task
+
+FAMILIES = ("niah", "aggregate", "pairs", "multihop", "source")
 SCORINGS = ("exact", "number", "f1")
 # Where tasks are used. Each split owns its own seed space (see task_seed), so held-out data is
 # held out by construction, not by the luck of two random draws never meeting.
@@ -167,14 +169,27 @@ def _scatter(lines, facts, rng, fixed=None):
     return "\n".join(out)
 
 
-def _haystack(rng, length, facts, fixed=None):
-    """Filler plus one line per fact, exactly `length` characters."""
+FILLERS = ("generated", "prose", "code")
+# A real-text line that holds a look-alike of a value (a grouped number) is left out of a haystack.
+_VALUE_LIKE = re.compile(r"\d,\d{3},\d{3}|[A-Z]{2}-\d{4}-[A-Z]{2}")
+
+
+def _haystack(rng, length, facts, fixed=None, filler="generated", part="seen"):
+    """Filler plus one line per fact, exactly `length` characters. filler: generated sentences,
+    or real text that ships with Python (realtext.py): "prose" (its reference manual) or "code"
+    (its standard library's source), from the documents of `part` ("seen" or "held_out")."""
     budget = length - sum(len(f) + 1 for f in facts)
     if budget < 200:
         need = length - budget + 200
         raise ValueError(f"length={length} is too small for {len(facts)} facts; "
                          f"use length >= {need} or fewer needles/distractors")
-    return _scatter(_filler_lines(rng, budget), facts, rng, fixed)
+    if filler not in FILLERS:
+        raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
+    if filler == "generated":
+        lines = _filler_lines(rng, budget)
+    else:
+        lines = real_filler_lines(rng, budget, filler, part, reject=_VALUE_LIKE.search)
+    return _scatter(lines, facts, rng, fixed)
 
 
 # ----------------------------------------------------------------------------------
@@ -267,7 +282,7 @@ def default_needles(length):
     return max(1, min(250, max(8, length // 500), (length - 400) // 120))
 
 
-def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None, wording="seen"):
+def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None, wording="seen", filler=None):
     needles = default_needles(length) if needles is None else needles
     if not 1 <= queried <= needles:
         raise ValueError(f"niah needs 1 <= queried <= needles, got queried={queried}, needles={needles}")
@@ -301,7 +316,10 @@ def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None, wording="s
     all_keys = [shaped(*k) for k in targets + decoy_keys]
     values = [_niah_value(rng, value_shape, v) for v in rng.sample(range(1_000_000, 10_000_000), len(all_keys))]
     facts = [_needle(k, v, frame) for k, v in zip(all_keys, values)]
-    context = _haystack(rng, length, facts, None if depth is None else {0: depth})
+    if filler is None:   # "original": the generated sentences of old; otherwise any, real text half the time
+        filler = "generated" if wording == "original" else rng.choice(("generated", "generated", "prose", "code"))
+    part = "held_out" if wording == "held_out" else "seen"
+    context = _haystack(rng, length, facts, None if depth is None else {0: depth}, filler, part)
     asked = all_keys[:queried]
     instruction = rng.choice(_templates(NIAH_INSTRUCTIONS, wording)).format(what=_VALUE_WHAT[value_shape])
     if queried == 1:
@@ -558,7 +576,8 @@ def split_of(seed):
     return SPLITS[k - 1] if 1 <= k <= len(SPLITS) else None
 
 
-_GENERATORS = {"niah": _niah, "aggregate": _aggregate, "pairs": _pairs, "multihop": _multihop}
+_GENERATORS = {"niah": _niah, "aggregate": _aggregate, "pairs": _pairs, "multihop": _multihop,
+               "source": source_task}
 
 
 def make_task(family, length, seed, **variant):
@@ -862,6 +881,8 @@ def cheap_answers(task):
     elif task.family == "pairs":
         users = sorted(set(re.findall(r"User: (\d+)", text)))
         found = [json.dumps([list(map(int, p)) for p in itertools.combinations(users, 2)])]
+    elif task.family == "source":
+        return {**out, **source_cheap_answers(text)}
     else:
         found = []
     found = list(dict.fromkeys(found))

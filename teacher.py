@@ -56,6 +56,7 @@ learns the idea rather than one string.
                                 per_strategy=8, seed=0)
 """
 
+import ast
 import asyncio
 import json
 import random
@@ -63,6 +64,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from realtext import parse_source_query
 from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
 from tasks import AGGREGATE_TEXTS, NIAH_QUESTIONS, make_task, score, task_seed
 
@@ -181,6 +183,8 @@ def reply(messages, strategy, rng):
         strategy = "regex"
     if m := NIAH_QUERY.search(query):
         return niah_turn(first_group(m), observations, strategy, rng, part)
+    if parse_source_query(query):
+        return source_turn(query, observations, strategy, rng)
     if m := CHAIN_QUERY.search(query):
         return chain_turn(*parse_chain(m.group(1)), observations, strategy, rng)
     if m := HOP_QUERY.search(query):  # a child asked for one hop: a regex does it
@@ -576,9 +580,6 @@ def main(argv=None):
     print(f"correctness: {demo.correctness}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 # -----------------------------------------------------------------------------
 # The source family (realtext.py): questions about one function of real stdlib code
@@ -591,10 +592,6 @@ if __name__ == "__main__":
 # The REPL may not import ast, so `parse` reads the signature with regexes, as
 # realtext.read_signature does (source tasks only ask about signatures these read as ast does);
 # the teacher itself reads printed signatures with ast, as a model reads code.
-
-import ast  # noqa: E402  (this section's own import, kept beside the code that uses it)
-
-from realtext import parse_source_query  # noqa: E402
 
 SOURCE_STRATEGIES = ("look", "parse", "recover")
 PLANS.update({
@@ -698,3 +695,10 @@ def answer_from_signature(kind, name, param, observation, rng):
     if "(" in value or ")" in value:  # FINAL(...) in text ends at its matching ")": pass it in code
         return code(rng, f"FINAL({value!r})")
     return final_reply(value, rng)
+
+
+STRATEGIES["source"] = SOURCE_STRATEGIES
+
+
+if __name__ == "__main__":
+    main()
