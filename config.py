@@ -29,7 +29,7 @@ RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adap
 # What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
 # update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
 # loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
-CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths",
+CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths", "eval_wordings",
                         "micro_batch_tokens", "gradient_checkpointing"}
 
 
@@ -109,6 +109,9 @@ def check_config(cfg):
     unknown = [f for f in cfg["families"].split(",") if f not in FAMILIES]
     if unknown:
         problems.append(f"unknown task families {unknown}; choose from {','.join(FAMILIES)}")
+    bad = [w for w in str(cfg.get("eval_wordings", "seen")).split(",") if w not in ("seen", "held_out")]
+    if bad:
+        problems.append(f"--eval_wordings must be seen, held_out or seen,held_out (got {cfg['eval_wordings']!r})")
     shortest = []
     for name in ("lengths", "warm_lengths", "eval_lengths"):
         try:

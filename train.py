@@ -52,7 +52,7 @@ import dist
 import config
 from checkpoint import DeferInterrupt, restore_rng, save_checkpoint, truncate_logs, write_whole
 from config import ints, reward_settings
-from eval import evaluate, format_table, held_out_suite, summarize
+from eval import evaluate, format_errors, format_table, held_out_suite, summarize
 from grpo import group_advantages, grpo_step, unsolved_fraction, zero_spread_fraction
 from lora import load_policy
 from reward import reward_for, summarize_rollouts
@@ -69,7 +69,7 @@ resume = False  # continue from out_dir/checkpoint
 overwrite = False  # a new run into a non-empty out_dir: delete the run there first (else it is refused)
 init_adapter = None  # start from this saved adapter (e.g. another run's warm start) instead of a fresh one
 seed = 0  # demonstrations, every step's tasks and sampling derive from (seed, step)
-families = "niah,multihop"  # comma-separated task families
+families = "niah"  # comma-separated task families (niah, multihop, source, aggregate, pairs)
 # warm start (behaviour cloning of the teacher)
 warm_demos = 3  # correct demonstrations per teacher strategy (0 = no warm start)
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
@@ -77,7 +77,7 @@ warm_epochs = 2  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
 warm_lr = 1e-3  # AdamW learning rate of the warm start
 # RL
-steps = 2  # RL optimizer steps, after the warm start (0 = warm start only)
+steps = 1  # RL optimizer steps, after the warm start (0 = warm start only)
 tasks_per_step = 2  # distinct tasks per step
 group_size = 4  # rollouts per task; advantages are relative within the group
 lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
@@ -112,11 +112,12 @@ lora_alpha = 32
 checkpoint_every = 4  # steps (warm start and RL) between checkpoints, and one at the end (0 = only that one)
 eval_every = 2  # RL steps between curriculum evaluations (0 = none; before and after always run)
 eval_n = 4  # held-out tasks per family and length in an evaluation (0 = no evaluation)
-eval_lengths = "8000"  # lengths of the before/after evaluation
+eval_lengths = "32000"  # lengths of the before/after evaluation
+eval_wordings = "seen,held_out"  # question wordings of the before/after evaluation (held_out: never trained on)
 
 GPU_SIZED = dict(steps=150, tasks_per_step=8, group_size=8, lengths="8000,32000,128000,512000",
                  warm_demos=24, warm_lengths="2000,8000,32000", warm_batch=8, micro_batch_tokens=32768,
-                 checkpoint_every=10, eval_every=10, eval_n=16, eval_lengths="8000,512000",
+                 checkpoint_every=10, eval_every=10, eval_n=16, eval_lengths="32000,512000",
                  **{k: v for k, v in BUDGETS["gpu"].items() if k != "max_call_tokens"})
 DEFAULTS = {k: v for k, v in dict(globals()).items()
             if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool, type(None)))}
@@ -342,7 +343,8 @@ def run_eval(policy, reward_config, cfg, step, lengths, label):
     # The curriculum decides on the validation split; before/after report on the evaluation split,
     # which nothing in training ever looks at.
     split = "validation" if label == "curriculum" else "eval"
-    suite = held_out_suite(cfg["families"].split(","), lengths, cfg["eval_n"], split=split)
+    wordings = ("seen",) if label == "curriculum" else tuple(cfg["eval_wordings"].split(","))
+    suite = held_out_suite(cfg["families"].split(","), lengths, cfg["eval_n"], split=split, wordings=wordings)
     records = asyncio.run(evaluate(Batcher(policy, temperature=0.0), suite, ["rlm"], rlm_settings(cfg),
                                    reward_config, progress=False, keep_traces=True))
     rows = summarize([{**r, "policy": label} for r in records])
@@ -361,6 +363,7 @@ def report(out_dir):
     if rows:
         print("held-out evaluation, greedy (conc = share of sub-calls run concurrently):")
         print(format_table(rows))
+        print(format_errors(rows))
     else:
         print("no held-out evaluation in this run (--eval_n 0)")
     path = os.path.join(out_dir, "metrics.jsonl")

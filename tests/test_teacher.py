@@ -21,7 +21,8 @@ CASES = [(family, strategy) for family, strategies in STRATEGIES.items() for str
 # chunks that must fit a sub-call's window, so its lengths stop where the chunks still fit.
 SEARCH_LENGTHS = [(2000, 11), (30_000, 12), (300_000, 13)]
 RECORD_LENGTHS = [(2000, 11), (2000, 14), (8000, 12), (8000, 15), (30_000, 13)]
-LENGTHS = {"niah": SEARCH_LENGTHS, "multihop": SEARCH_LENGTHS, "aggregate": RECORD_LENGTHS, "pairs": RECORD_LENGTHS}
+LENGTHS = {"niah": SEARCH_LENGTHS, "multihop": SEARCH_LENGTHS, "aggregate": RECORD_LENGTHS, "pairs": RECORD_LENGTHS,
+           "source": SEARCH_LENGTHS}
 TOPIC_OF = {text: label for label, texts in AGGREGATE_TEXTS.items() for text in texts}  # the test's own lookup
 
 
