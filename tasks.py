@@ -14,6 +14,16 @@ Four families, each modelled on a benchmark that RLMs are measured on:
              by F1 over unordered pairs (OOLONG-Pairs, a quadratic variant).
   multihop   chained facts ("Agent X's handler is Y." ... "Y's safehouse is in Z.")
              scattered through distractor text, among other chains of the same shape.
+  source     a question about one function of real Python source code (its first parameter,
+             how many parameters it takes, a default value): the context is files of the
+             standard library of the Python that runs this (realtext.py).
+
+Wording (niah and source so far): sentence frames, questions, answer instructions and key and
+value shapes come from one of two disjoint template sets, and real text from one of two
+disjoint sets of documents. "seen" is what training, demonstrations and validation draw from;
+"held_out" is for evaluation only: make_task refuses it for a seed of another split, so a
+wording a model is scored on as held out never reached its training by construction. The
+variant wording="original" is niah's one wording from before (the classic frame below).
 
 A task is a plain record (query, context, answer, how to score it). The same
 (family, length, seed, variant) always gives the same task: every generator draws from
@@ -25,7 +35,10 @@ Text is joined from pools drawn once per task, so 10,000,000 characters take wel
 a second.
 
 Variants (keyword arguments of make_task, default in brackets):
-  niah       needles [default_needles(length): 8 at 2,000 characters, 16 at 8,000, 250
+  niah       wording ["seen"], "held_out" or "original"; filler [random: generated sentences
+             half the time, else "prose" (Python's reference manual) or "code" (its
+             standard library), from the wording's part of realtext.py's documents];
+             needles [default_needles(length): 8 at 2,000 characters, 16 at 8,000, 250
              from 125,000 on] in all, the ones not asked being look-alikes with other keys;
              queried [1] of them asked (more than one: answer is a list, scored by F1);
              decoys [0] look-alike keys per asked key (same words, another suffix, then the
@@ -40,6 +53,8 @@ Variants (keyword arguments of make_task, default in brackets):
              20), so listing every pair of every user is far from the answer
   multihop   hops [2] facts to chain, 2 to 5; distractors [length/2000, 7 to 30, fewer when
              short] other chains of the same shape
+  source     question [random among "first_param", "n_params", "default"; "params", the list
+             of parameter names, only when asked for]; wording ["seen"] or "held_out"
 
 Scoring (score(task, prediction) -> [0, 1]) is lenient about form, strict about content,
 and reads a sentence as it reads a bare value, so a baseline that answers in words is
@@ -64,6 +79,8 @@ FINAL(...) holds (up to the matching parenthesis), then what follows "the answer
 
 Usage:
   python tasks.py --family niah --length 100000 --seed 0
+  python tasks.py --family niah --length 32000 --seed 1 --variant wording=held_out --variant filler=code
+  python tasks.py --family source --length 64000 --seed 2 --variant question=default
   python tasks.py --family pairs --length 10000000 --seed 3 --variant condition=same_month
 
   from tasks import make_task, make_suite, score, load_jsonl
