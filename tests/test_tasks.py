@@ -105,11 +105,14 @@ def test_each_length_asks_its_own_needle():
 @pytest.mark.parametrize("family, length, bound", [
     ("niah", 8_000, 0.15), ("niah", 32_000, 0.1), ("multihop", 8_000, 0.15), ("multihop", 32_000, 0.15),
     ("aggregate", 8_000, 0.2), ("aggregate", 32_000, 0.1), ("pairs", 8_000, 0.15), ("pairs", 32_000, 0.1)])
-def test_answers_that_never_look_for_the_key_earn_next_to_nothing(family, length, bound):
+@pytest.mark.parametrize("wording", ["seen", "held_out"])
+def test_answers_that_never_look_for_the_key_earn_next_to_nothing(family, length, bound, wording):
     # 40 evaluation tasks per cell. Handing back the context earns 0 everywhere; so does naming
     # every candidate of the answer's kind at once. A key-blind first match is right about as
     # often as chance allows (1 in 16 needles at 8,000 characters, 1 in 64 at 32,000).
-    suite = make_suite([family], [length], n=40)
+    if wording == "held_out" and family != "niah":
+        pytest.skip(f"{family} has one wording")
+    suite = make_suite([family], [length], n=40, variants={"niah": {"wording": wording}})
     credit = {}
     for task in suite:
         for name, answer in cheap_answers(task).items():
@@ -448,3 +451,52 @@ def test_jsonl_bad_line_is_named(tmp_path, bad_line, message):
     path.write_text(json.dumps({"context": "c", "question": "q", "answer": "a"}) + "\n" + bad_line + "\n")
     with pytest.raises(ValueError, match=message):
         load_jsonl(path)
+
+
+# ---------------------------------------------------------------- wording
+
+def test_held_out_wording_is_for_evaluation_seeds_only():
+    for split in ("train", "demo", "validation"):
+        with pytest.raises(ValueError, match="held-out wording is for evaluation only"):
+            make_task("niah", 4_000, task_seed(split, "niah", 4_000, 0), wording="held_out")
+        with pytest.raises(ValueError, match="held-out wording is for evaluation only"):
+            make_task("source", 4_000, task_seed(split, "source", 4_000, 0), wording="held_out")
+    assert make_task("niah", 4_000, task_seed("eval", "niah", 4_000, 0), wording="held_out").wording == "held_out"
+    with pytest.raises(ValueError, match="wording must be one of"):
+        make_task("niah", 4_000, 0, wording="unseen")
+
+
+@pytest.mark.parametrize("table", ["NIAH_FRAMES", "NIAH_QUESTIONS", "NIAH_LIST_QUESTIONS", "NIAH_INSTRUCTIONS",
+                                   "NIAH_KEYS", "NIAH_VALUES"])
+def test_seen_and_held_out_templates_share_nothing(table):
+    seen, held = getattr(tasks, table)["seen"], getattr(tasks, table)["held_out"]
+    assert seen and held
+    if table == "NIAH_VALUES":   # a 7-digit number is a shape of both; the other shapes are not shared
+        assert set(seen) & set(held) == {"number"}
+    else:
+        assert not set(seen) & set(held)
+
+
+def test_a_seen_task_is_worded_with_seen_templates_and_a_held_out_one_with_held_out_ones():
+    def frames_used(task):
+        return {i for i, p in enumerate(FRAMES) if len(p.findall(task.context)) >= 2}
+
+    n_seen = len(tasks.NIAH_FRAMES["seen"])
+    for i in range(30):
+        seen = make_task("niah", 8_000, task_seed("train", "niah", 8_000, i))
+        held = make_task("niah", 8_000, task_seed("eval", "niah", 8_000, i), wording="held_out")
+        assert frames_used(seen) and frames_used(seen) <= set(range(n_seen))
+        assert frames_used(held) and not frames_used(held) & set(range(n_seen))
+        assert any(q.split("{k}")[0] in seen.query for q in tasks.NIAH_QUESTIONS["seen"])
+        assert any(q.split("{k}")[0] in held.query for q in tasks.NIAH_QUESTIONS["held_out"])
+
+
+@pytest.mark.parametrize("filler", ["generated", "prose", "code"])
+@pytest.mark.parametrize("wording", ["seen", "held_out"])
+def test_real_text_haystacks_hold_one_value_per_needle_and_no_look_alike(filler, wording):
+    for seed in range(5):
+        task = make_task("niah", 20_000, seed, wording=wording, filler=filler)
+        assert len(task.context) == 20_000
+        assert solve_niah(task) == task.answer
+        found = cheap_answers(task)["every candidate"].split(", ")
+        assert len(found) == tasks.default_needles(20_000)   # every value-shaped word is a needle's value

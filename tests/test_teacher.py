@@ -228,3 +228,21 @@ def test_teacher_policy_respects_max_new_tokens(tiny_policy):
     [cut] = teacher.sample([prompt], max_new_tokens=5)
     assert full.finish_reason == "stop" and cut.finish_reason == "length"
     assert cut.token_ids == full.token_ids[:5]
+
+
+def test_after_a_failed_cell_the_teacher_reads_instead_and_never_resubmits(tiny_policy):
+    """The guess strategy's classic-frame regex fails on another frame; the next cell differs (it
+    prints the key's lines) and the answer is read from what it printed."""
+    from eval import error_profile
+    recovered = 0
+    for seed in range(6):
+        task = make_task("niah", 8000, seed=100 + seed)
+        demo = run(tiny_policy, task, "guess", seed)
+        assert demo.correctness == 1.0
+        profile = error_profile(demo.rollout)
+        assert profile["errors_changed"] == profile["errors_followed"]
+        if profile["errors"]:
+            recovered += 1
+            turns = demo.rollout.calls[0].turns
+            assert "Error" in turns[0]["observation"] and turns[1]["code"] != turns[0]["code"]
+    assert recovered >= 3   # 7 of 8 seen frames are not the classic one
