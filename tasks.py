@@ -541,7 +541,32 @@ _CITIES = ("Lisbon Kyoto Oslo Cairo Lima Quito Dakar Hanoi Riga Tunis Porto Berg
 _RELATIONS = ("handler", "contact", "courier", "informant")  # hop i uses _RELATIONS[i]
 
 
-def _multihop(rng, length, hops=2, distractors=None):
+# A hop frame holds {a} (who is asked about), {r} (the relation) and {b} (the answer); a city
+# frame {a} and {c}. Each line of a chain holds its relation word ("safehouse" for the city), and
+# no frame word is a capitalised pair or a city, so "the line with the name and the relation,
+# then the other name in it" reads every frame.
+MULTIHOP_HOPS = {
+    "seen": ("{a}'s {r} is {b}.", "The {r} of {a} is {b}.", "{b} serves as {a}'s {r}.",
+             "{a} relies on {b} as {r}."),
+    "held_out": ("{a} has {b} as their {r}.", "It was {b} who acted as {r} for {a}."),
+}
+MULTIHOP_CITIES = {
+    "seen": ("{a}'s safehouse is in {c}.", "{a} keeps a safehouse in {c}.", "The safehouse of {a} is located in {c}."),
+    "held_out": ("{c} is where {a} hides, in a safehouse nobody knows.", "{a} shelters in a safehouse in {c}."),
+}
+MULTIHOP_QUESTIONS = {
+    "seen": ("In which city is the safehouse of {path}?", "Where is the safehouse of {path}?",
+             "Name the city of the safehouse of {path}."),
+    "held_out": ("Which city hides the safehouse of {path}?",
+                 "Follow the chain: the safehouse of {path} lies in which city?"),
+}
+MULTIHOP_INSTRUCTIONS = {
+    "seen": (" Answer with the city only.", " Reply with the city name.", ""),
+    "held_out": (" Just the city, please.",),
+}
+
+
+def _multihop(rng, length, hops=2, distractors=None, wording="seen", filler=None):
     if not 2 <= hops <= len(_RELATIONS) + 1:
         raise ValueError(f"multihop hops must be in [2, {len(_RELATIONS) + 1}], got {hops}")
     # Enough other chains that the first city in the text, or any one city, is rarely the answer;
@@ -550,24 +575,31 @@ def _multihop(rng, length, hops=2, distractors=None):
     n_chains = 1 + (distractors if distractors is not None else min(max(7, min(30, length // 2_000)), fit))
     if n_chains * hops > len(_FIRST) * len(_LAST):
         raise ValueError(f"multihop distractors={distractors} needs more names than there are")
+    hop_frame = rng.choice(_templates(MULTIHOP_HOPS, wording))
+    city_frame = rng.choice(_templates(MULTIHOP_CITIES, wording))
     people = rng.sample([f"{a} {b}" for a in _FIRST for b in _LAST], n_chains * hops)
     facts, answer = [], None
     for c in range(n_chains):
         chain = people[c * hops:(c + 1) * hops]
         names = [f"Agent {chain[0]}"] + chain[1:]
         for i in range(hops - 1):
-            facts.append(f"{names[i]}'s {_RELATIONS[i]} is {names[i + 1]}.")
+            facts.append(hop_frame.format(a=names[i], r=_RELATIONS[i], b=names[i + 1]))
         # Everyone in a chain has a safehouse, in distinct cities, so stopping a hop too
         # early (or going one too far) gives a wrong city, never the right one by luck.
         cities = rng.sample(_CITIES, hops)
-        facts += [f"{name}'s safehouse is in {city}." for name, city in zip(names, cities)]
+        facts += [city_frame.format(a=name, c=city) for name, city in zip(names, cities)]
         if c == 0:
             agent, answer = names[0], cities[-1]
     path = f"{agent}'s handler"
     for rel in _RELATIONS[1:hops - 1]:
         path = f"the {rel} of {path}"
-    query = f"In which city is the safehouse of {path}? Answer with the city only."
-    return query, _haystack(rng, length, facts), answer, "exact"
+    if filler is None:
+        filler = "generated" if wording == "original" else rng.choice(("generated", "generated", "prose", "code"))
+    part = "held_out" if wording == "held_out" else "seen"
+    context = _haystack(rng, length, facts, None, filler, part)
+    query = rng.choice(_templates(MULTIHOP_QUESTIONS, wording)).format(path=path) \
+        + rng.choice(_templates(MULTIHOP_INSTRUCTIONS, wording))
+    return query, context, answer, "exact"
 
 
 # ----------------------------------------------------------------------------------
@@ -887,8 +919,8 @@ def cheap_answers(task):
     out = {"whole context": text}
     if task.family == "niah":   # values of any niah shape: 3141592, KX-3141-QM, 3,141,592
         found = re.findall(r"(?<![\w,])(?:\d{7}|[A-Z]{2}-\d{4}-[A-Z]{2}|\d,\d{3},\d{3})(?![\w,])", text)
-    elif task.family == "multihop":
-        found = re.findall(r"safehouse is in (\w+)", text)
+    elif task.family == "multihop":   # the cities of the context, key-blind
+        found = _CITY_WORDS.findall(text)
     elif task.family == "aggregate":
         n_records = text.count("\n")
         if task.scoring == "number":   # key-blind: an even share of the records per topic

@@ -25,7 +25,7 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
             window       find the key, llm_query a window around it
             split_async  split in halves, rlm_query both concurrently (asyncio.gather)
             split_sync   the same halves, one rlm_query after the other     (slowest)
-  multihop  regex        follow the chain with regexes in one turn          (cheapest)
+  multihop  regex        follow the chain in code, one search per hop, in one turn (cheapest)
             look         print the lines about each name, one turn per hop
             llm_chain    llm_query each hop on the lines about the current name
             rlm_chain    rlm_query each hop on the whole context             (dearest)
@@ -66,7 +66,7 @@ from dataclasses import dataclass
 
 from realtext import parse_source_query
 from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
-from tasks import AGGREGATE_TEXTS, NIAH_QUESTIONS, make_task, score, task_seed
+from tasks import AGGREGATE_TEXTS, MULTIHOP_QUESTIONS, NIAH_QUESTIONS, make_task, score, task_seed
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
 STRATEGIES = {"niah": ("regex", "look", "guess", "window", "split_async", "split_sync"),
@@ -83,7 +83,8 @@ RLM_SYSTEM_START = system_prompt(False, False).split(".")[0]  # how every RLM ca
 # come from the demo split, which make_task words with seen templates only.)
 NIAH_QUERY = re.compile("|".join("^" + re.escape(q).replace(re.escape("{k}"), r"([\w.-]+)")
                                  for q in NIAH_QUESTIONS["seen"]))
-CHAIN_QUERY = re.compile(r"In which city is the safehouse of (.+?)\? Answer")
+CHAIN_QUERY = re.compile("|".join("^" + re.escape(q).replace(re.escape("{path}"), "(.+?)")
+                                  for q in MULTIHOP_QUESTIONS["seen"]))
 HOP_QUERY = re.compile(r"Who is (.+?)'s (\w+)\?")
 CITY_QUERY = re.compile(r"In which city is (.+?)'s safehouse\?")
 # Records (aggregate, pairs): what the query asks, and the topics it lists.
@@ -186,11 +187,11 @@ def reply(messages, strategy, rng):
     if parse_source_query(query):
         return source_turn(query, observations, strategy, rng)
     if m := CHAIN_QUERY.search(query):
-        return chain_turn(*parse_chain(m.group(1)), observations, strategy, rng)
-    if m := HOP_QUERY.search(query):  # a child asked for one hop: a regex does it
-        return code(rng, lookup_code(f"{m.group(1)}'s {m.group(2)} is", rng))
+        return chain_turn(*parse_chain(first_group(m)), observations, strategy, rng)
+    if m := HOP_QUERY.search(query):  # a child asked for one hop: one search does it
+        return code(rng, hop_code(repr(m.group(1)), repr(m.group(2)), rng) + "\nFINAL(name)")
     if m := CITY_QUERY.search(query):
-        return code(rng, lookup_code(f"{m.group(1)}'s safehouse is in", rng))
+        return code(rng, city_code(repr(m.group(1)), rng))
     if any(p.search(query) for p in PIECE_QUERIES.values()):  # a child asked about one piece of records
         return code(rng, rng.choice(["FINAL(llm_query(query + '\\n' + context))",
                                      "answer = llm_query(query + '\\n' + context)\nFINAL(answer)"]))
@@ -209,11 +210,10 @@ def read_answer(prompt):
         value = value_near(text, first_group(m))
         return value if value else NOT_FOUND
     if m := HOP_QUERY.search(question):
-        found = re.search(re.escape(f"{m.group(1)}'s {m.group(2)} is ") + r"([^.\n]+)\.", text)
-    elif m := CITY_QUERY.search(question):
-        found = re.search(re.escape(f"{m.group(1)}'s safehouse is in ") + r"([^.\n]+)\.", text)
-    else:
-        found = None
+        return next_name(text, m.group(1), m.group(2)) or NOT_FOUND
+    if m := CITY_QUERY.search(question):
+        return city_of(text, m.group(1)) or NOT_FOUND
+    found = None
     return found.group(1) if found else NOT_FOUND
 
 
@@ -259,7 +259,7 @@ PLANS = {
                               "two child RLMs in parallel, one per half"),
     ("niah", "split_sync"): ("split in halves, child RLMs search one after the other",
                              "two child RLMs in turn, one per half"),
-    ("multihop", "regex"): ("follow the chain with regexes", "a regex for each hop, all in one go"),
+    ("multihop", "regex"): ("follow the chain in code", "one search per hop, all in one go"),
     ("multihop", "look"): ("print the lines about each name, hop by hop", "look at the lines of each hop first"),
     ("multihop", "llm_chain"): ("one llm_query per hop, on the lines about the name",
                                 "a sub-model answers each hop from its lines"),
@@ -394,18 +394,54 @@ def niah_turn(key, observations, strategy, rng, part=False):
     return code(rng, split + ask + pick_found("answers", rng), plan)
 
 
+PERSON = r"[A-Z][a-z]+ [A-Z][a-z]+"   # a capitalised pair: every name of a chain; no frame word is one
+# A printed list (print([...])) puts several lines on one: a reader takes its items apart.
+ITEM_BREAK = re.compile(r"\n|['\"], ['\"]")
+
+
+def next_name(text, name, relation):
+    """A reader's next hop: on the first line with the name and the relation word, the other
+    person named (the name itself left out). Reads any frame: "X's handler is Y.", "Y serves as
+    X's handler.", "It was Y who acted as handler for X." None when no line has both."""
+    line = next((ln for ln in ITEM_BREAK.split(text) if name in ln and relation in ln), None)
+    people = re.findall(PERSON, line.replace(name, " ")) if line is not None else []
+    return people[0] if people else None
+
+
+def city_of(text, name):
+    """A reader's last hop: on the first line with the name and "safehouse", the last capitalised
+    word (the name left out): "The safehouse of X is located in Quito.", "Quito is where X hides"."""
+    line = next((ln for ln in ITEM_BREAK.split(text) if name in ln and "safehouse" in ln), None)
+    words = re.findall(r"[A-Z][a-z]+", line.replace(name, " ")) if line is not None else []
+    return words[-1] if words else None
+
+
+def hop_code(name, relation, rng):
+    """next_name as REPL code: `name` becomes the next person (name and relation are expressions)."""
+    line = rng.choice(["line", "row", "hit"])
+    return (f"{line} = next(l for l in context.splitlines() if {name} in l and {relation} in l)\n"
+            f"name = re.findall(r'{PERSON}', {line}.replace({name}, ' '))[0]")
+
+
+def city_code(name, rng):
+    """city_of as REPL code, FINAL included."""
+    line = rng.choice(["line", "row", "hit"])
+    return (f"{line} = next(l for l in context.splitlines() if {name} in l and 'safehouse' in l)\n"
+            f"FINAL(re.findall(r'[A-Z][a-z]+', {line}.replace({name}, ' '))[-1])")
+
+
 def chain_turn(agent, relations, observations, strategy, rng):
     rels = repr(relations)
-    if strategy == "look":  # one hop per turn, reading each answer from the last observation
+    if strategy == "look":  # one hop per turn, reading each answer from what was printed
         name, seen = agent, "\n".join(observations)
         for rel in relations:
-            found = re.search(re.escape(f"{name}'s {rel} is ") + r"([^.\n]+)\.", seen)
+            found = next_name(seen, name, rel)
             if not found:
                 return code(rng, print_lines_code(name, rng), None if observations else ("multihop", "look"))
-            name = found.group(1)
-        city = re.search(re.escape(f"{name}'s safehouse is in ") + r"([^.\n]+)\.", seen)
+            name = found
+        city = city_of(seen, name)
         if city:
-            return final_reply(city.group(1), rng)
+            return final_reply(city, rng)
         return code(rng, print_lines_code(name, rng))
     name = rng.choice(["name", "person", "who"])
     if strategy == "llm_chain":
@@ -423,10 +459,8 @@ def chain_turn(agent, relations, observations, strategy, rng):
                          f"    {name} = rlm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\", context)\n"
                          f"city = rlm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\", "
                          f"context)\nFINAL(city)", ("multihop", "rlm_chain"))
-    return code(rng, f"{name} = {agent!r}\n"
-                     f"for rel in {rels}:\n"
-                     f"    {name} = re.search({name} + \"'s \" + rel + r\" is ([^.\\n]+)\", context).group(1)\n"
-                     f"FINAL(re.search({name} + r\"'s safehouse is in ([^.\\n]+)\", context).group(1))",
+    hop = hop_code("name", "rel", rng).replace("\n", "\n    ")
+    return code(rng, f"name = {agent!r}\nfor rel in {rels}:\n    {hop}\n" + city_code("name", rng),
                 ("multihop", "regex"))
 
 

@@ -190,7 +190,8 @@ def test_the_cheaper_correct_strategy_is_rewarded_more(tiny_policy):
     task = make_task("multihop", 8000, seed=9)
     rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
                for s in STRATEGIES["multihop"]}
-    assert rewards["regex"] == max(rewards.values()) and rewards["rlm_chain"] == min(rewards.values())
+    # Reading the lines costs least; one search per hop in code costs about what one sub-call per hop does.
+    assert rewards["look"] > rewards["llm_chain"] > rewards["rlm_chain"] and rewards["regex"] > rewards["rlm_chain"]
     # Records: child RLMs cost the most, and the same four chunks are quicker at once than in turn.
     # Two halves save prompt tokens over four chunks; counts are short replies, so for aggregate
     # that wins, while in pairs a half's longer list of users waits on the critical path.
