@@ -23,6 +23,7 @@ from checkpoint import LOGS, load_checkpoint
 from checks import InputError, adapter_folder, at_least, between, positive, writable_folder
 from reward import RewardConfig
 from tasks import FAMILIES, make_task
+from teacher import STRATEGIES
 
 # What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
 RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint")
@@ -109,6 +110,12 @@ def check_config(cfg):
     unknown = [f for f in cfg["families"].split(",") if f not in FAMILIES]
     if unknown:
         problems.append(f"unknown task families {unknown}; choose from {','.join(FAMILIES)}")
+    if cfg.get("warm_strategies", "all") != "all":
+        known = {s for f in cfg["families"].split(",") for s in STRATEGIES.get(f, ())}
+        unknown = sorted(set(cfg["warm_strategies"].split(",")) - known)
+        if unknown or not known & set(cfg["warm_strategies"].split(",")):
+            problems.append(f"--warm_strategies {cfg['warm_strategies']!r}: {unknown or 'none'} not strategies of "
+                            f"--families {cfg['families']} (theirs: {','.join(sorted(known))}, or all)")
     bad = [w for w in str(cfg.get("eval_wordings", "seen")).split(",") if w not in ("seen", "held_out")]
     if bad:
         problems.append(f"--eval_wordings must be seen, held_out or seen,held_out (got {cfg['eval_wordings']!r})")

@@ -71,9 +71,14 @@ init_adapter = None  # start from this saved adapter (e.g. another run's warm st
 seed = 0  # demonstrations, every step's tasks and sampling derive from (seed, step)
 families = "niah"  # comma-separated task families (niah, multihop, source, aggregate, pairs)
 # warm start (behaviour cloning of the teacher)
-warm_demos = 3  # correct demonstrations per teacher strategy (0 = no warm start)
+warm_demos = 6  # correct demonstrations per teacher strategy (0 = no warm start)
+# Teacher strategies to clone ("all" = every strategy of the families, teacher.STRATEGIES). Few
+# demonstrations teach one way well rather than six badly: the CPU default clones reading (print
+# the key's lines, copy the value) and recovering from a failed guess, the two that carry over to
+# wordings never seen.
+warm_strategies = "look,guess"
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
-warm_epochs = 2  # passes over the demonstrations
+warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
 warm_lr = 1e-3  # AdamW learning rate of the warm start
 # RL
@@ -116,7 +121,7 @@ eval_lengths = "32000"  # lengths of the before/after evaluation
 eval_wordings = "seen,held_out"  # question wordings of the before/after evaluation (held_out: never trained on)
 
 GPU_SIZED = dict(steps=150, tasks_per_step=8, group_size=8, lengths="8000,32000,128000,512000",
-                 warm_demos=24, warm_lengths="2000,8000,32000", warm_batch=8, micro_batch_tokens=32768,
+                 warm_demos=24, warm_strategies="all", warm_lengths="2000,8000,32000", warm_batch=8, micro_batch_tokens=32768,
                  checkpoint_every=10, eval_every=10, eval_n=16, eval_lengths="32000,512000",
                  **{k: v for k, v in BUDGETS["gpu"].items() if k != "max_call_tokens"})
 DEFAULTS = {k: v for k, v in dict(globals()).items()
@@ -140,7 +145,8 @@ def warm_start_batches(policy, cfg):
         return []
     # Under torchrun each rank makes the demonstrations of its share of the strategies; all ranks then
     # hold all of them, in the order one process makes them.
-    pairs = [(f, s) for f in families for s in STRATEGIES[f]]
+    wanted = None if cfg["warm_strategies"] == "all" else set(cfg["warm_strategies"].split(","))
+    pairs = [(f, s) for f in families for s in STRATEGIES[f] if wanted is None or s in wanted]
     demos = make_demonstrations(policy, families, ints(cfg["warm_lengths"]), cfg["warm_demos"], seed=cfg["seed"],
                                 rlm_settings=rlm_settings(cfg), only=[pairs[i] for i in dist.share(len(pairs))])
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
