@@ -71,12 +71,13 @@ init_adapter = None  # start from this saved adapter (e.g. another run's warm st
 seed = 0  # demonstrations, every step's tasks and sampling derive from (seed, step)
 families = "niah"  # comma-separated task families (niah, multihop, source, aggregate, pairs)
 # warm start (behaviour cloning of the teacher)
-warm_demos = 6  # correct demonstrations per teacher strategy (0 = no warm start)
+warm_demos = 16  # correct demonstrations per teacher strategy (0 = no warm start)
 # Teacher strategies to clone ("all" = every strategy of the families, teacher.STRATEGIES). Few
-# demonstrations teach one way well rather than six badly: the CPU default clones reading (print
-# the key's lines, copy the value) and recovering from a failed guess, the two that carry over to
-# wordings never seen.
-warm_strategies = "look,guess"
+# demonstrations teach one way well rather than several badly: the CPU default clones reading
+# (print the key's lines, copy the value from what was printed), which carries over to wordings
+# never seen. Cloning "guess" clones its failing first cell too: with 6 demonstrations each of
+# look and guess, the student opened with the classic regex and resubmitted it.
+warm_strategies = "look"
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step

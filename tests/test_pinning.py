@@ -91,7 +91,7 @@ PINNED_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--f
               "--warm_lengths", "2000", "--max_depth", "2", "--max_turns", "1", "--max_new_tokens", "160",
               "--max_sub_calls", "8", "--max_generated_tokens", "512", "--eval_n", "0", "--eval_every", "0",
               "--checkpoint_every", "2", "--lr", "0.01", "--temperature", "1.0", "--seed", "3",
-              "--no-skip_unsolved"]
+              "--no-skip_unsolved", "--warm_strategies", "all"]
 PINNED_RUN += [x for k in train.GPU_SIZED if f"--{k}" not in PINNED_RUN for x in (f"--{k}", str(train.DEFAULTS[k]))]
 
 # Float bytes depend on the CPU kernels torch picks, so the training pin holds on the CPU model it
