@@ -294,8 +294,7 @@ def _same_code(a, b):
 def error_profile(rollout):
     """Counts over every call and turn of a rollout, for error_rates to pool: failed cells, failed
     turns followed by a turn of the same call with code, how many of those changed the code, and
-    replies, how many of them degenerate. A turn's observation is kept only when another turn
-    follows it (rlm.py), so a failure in a call's last turn is not counted. None: all zero."""
+    replies, how many of them degenerate. None: all zero."""
     counts = {"errors": 0, "errors_followed": 0, "errors_changed": 0, "replies": 0, "degenerate_replies": 0}
     for call in rollout.calls if rollout is not None else []:
         for turn, after in zip(call.turns, call.turns[1:] + [None]):

@@ -412,6 +412,9 @@ class RLM:
                     call.turns.append(record)
                     observation, call.answer = await self._run_reply(state, call, repl, record)
                     if call.answer is not None or turn == self.max_turns:
+                        # What the last cells printed is kept for the record (a failed last cell
+                        # is a failure eval.py counts), though no model reads it.
+                        record["observation"] = observation or None
                         break
                     if turn == self.max_turns - 1:
                         observation += "\n\n" + LAST_TURN

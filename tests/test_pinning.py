@@ -66,8 +66,8 @@ def script(text):
     return repl_block("FINAL(str(len(context)) + ' ' + query)")
 
 
-# Recorded before the move (see the module docstring).
-SCRIPTED_TRACE_SHA256 = "f55fef8539c524e4d4f47ef3d04ae41d0f89f14161f31f2cfd6cfadc6e1159e1"
+# Recorded before the move (see the module docstring); re-recorded when a last turn began to keep its observation.
+SCRIPTED_TRACE_SHA256 = "a8a4825d9a7e3a08897fcf7a2834f1385cc65819b59d6493fcb9439b7fff5763"
 
 
 def test_a_seeded_scripted_rollout_gives_the_same_trace():
