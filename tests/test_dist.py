@@ -22,7 +22,8 @@ WORKER = os.path.join(REPO, "tests", "dist_worker.py")
 RUN = ["--steps", "2", "--tasks_per_step", "2", "--group_size", "2", "--families", "niah", "--lengths", "2000",
        "--warm_demos", "1", "--warm_epochs", "1", "--warm_batch", "3", "--warm_lengths", "2000", "--max_turns", "1",
        "--max_new_tokens", "160", "--max_generated_tokens", "512", "--eval_n", "1", "--eval_every", "0",
-       "--eval_lengths", "2000", "--checkpoint_every", "10", "--lr", "0.01", "--temperature", "1.0"]
+       "--eval_lengths", "2000", "--checkpoint_every", "10", "--lr", "0.01", "--temperature", "1.0",
+       "--warm_strategies", "regex,look,window,split_async,split_sync"]
 
 
 def free_port():

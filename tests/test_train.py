@@ -22,7 +22,8 @@ from trace import Call, Cost, Rollout
 TINY_RUN = ["--steps", "2", "--tasks_per_step", "1", "--group_size", "2", "--families", "niah", "--lengths", "2000",
             "--warm_demos", "1", "--warm_epochs", "1", "--warm_batch", "3", "--warm_lengths", "2000",
             "--max_turns", "1", "--max_new_tokens", "160", "--max_generated_tokens", "512", "--eval_n", "0",
-            "--eval_every", "0", "--eval_lengths", "2000", "--checkpoint_every", "1", "--lr", "0.01"]
+            "--eval_every", "0", "--eval_lengths", "2000", "--checkpoint_every", "1", "--lr", "0.01",
+            "--warm_strategies", "regex,look,window,split_async,split_sync"]
 # With a GPU visible, parse_config starts from GPU_SIZED: the flags above pin the rest to the CPU
 # defaults, so every machine runs the same configuration.
 TINY_RUN += [x for k in train.GPU_SIZED if f"--{k}" not in TINY_RUN for x in (f"--{k}", str(train.DEFAULTS[k]))]
@@ -271,6 +272,8 @@ def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_
     (["--max_generated_tokens", "0"], "max_generated_tokens must be at least 1"),
     (["--families", "poetry"], "unknown task families"),
     (["--cost_weight", "0.6", "--latency_weight", "0.6"], "cost_weight"),
+    (["--warm_strategies", "look,chunks_async"], "['chunks_async'] not strategies of --families niah"),
+    (["--eval_wordings", "seen,unseen"], "--eval_wordings must be seen, held_out or seen,held_out"),
 ])
 def test_a_config_that_cannot_work_is_refused_at_start(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -348,3 +351,13 @@ def test_later_epochs_clip_and_the_first_cannot(monkeypatch):
     # what update reports is over both epochs, weighted by tokens (the same tokens each epoch)
     assert first["n_tokens"] == second["n_tokens"]
     assert stats["clip_fraction"] == pytest.approx((first["clip_fraction"] + second["clip_fraction"]) / 2)
+
+
+def test_the_warm_start_clones_only_the_strategies_asked_for(tiny_model_dir):
+    policy = train.load_policy(tiny_model_dir, device="cpu", dtype="float32")
+    cfg = config(warm_demos=2, warm_epochs=1, warm_batch=1, warm_strategies="look", warm_lengths="2000")
+    batches = train.warm_start_batches(policy, cfg)
+    assert len(batches) == 2
+    for (rollout,) in batches:   # look: print the key's lines, then answer in a second turn
+        assert "# plan:" in rollout.calls[0].turns[0]["reply"] and len(rollout.calls[0].turns) == 2
+        assert "print(" in rollout.calls[0].turns[0]["reply"] and len(rollout.calls) == 1
