@@ -309,12 +309,13 @@ def test_several_epochs_and_a_kl_term_are_measured():
 
 
 def test_the_curriculum_decides_on_a_split_the_final_evaluation_never_uses(tmp_path, monkeypatch):
-    asked = {}
+    asked, worded = {}, {}
 
-    def suite(families, lengths, n, split="eval", start=0):
+    def suite(families, lengths, n, split="eval", start=0, wordings=("seen",)):
         from eval import held_out_suite
-        tasks = held_out_suite(families, lengths, n, split=split, start=start)
+        tasks = held_out_suite(families, lengths, n, split=split, start=start, wordings=wordings)
         asked.setdefault(split, set()).update(t.seed for ts in tasks.values() for t in ts)
+        worded.setdefault(split, set()).update(t.wording for ts in tasks.values() for t in ts)
         return {}   # nothing to roll out: only which tasks were asked for matters here
 
     async def no_rollouts(*args, **kwargs):
@@ -327,6 +328,8 @@ def test_the_curriculum_decides_on_a_split_the_final_evaluation_never_uses(tmp_p
         train.run_eval(None, None, cfg, 0, [8000], label)
     assert set(asked) == {"validation", "eval"}
     assert len(asked["validation"]) == len(asked["eval"]) == 16 and not asked["validation"] & asked["eval"]
+    # The curriculum promotes on seen wordings; before and after report both (held-out ones too).
+    assert worded == {"validation": {"seen"}, "eval": {"seen", "held_out"}}
 
 
 def test_later_epochs_clip_and_the_first_cannot(monkeypatch):
