@@ -89,7 +89,7 @@ def test_memory_measures_both_sides_in_fresh_processes(tmp_path, monkeypatch):
 
 def test_repl_and_tasks_rows_are_measured_over_baseline():
     rows = bench.bench_repl(context_chars=200_000, repeats=1) + bench.bench_tasks(20_000, repeats=1)
-    assert [r["bench"] for r in rows] == ["repl"] * 3 + ["tasks"] * 4
+    assert [r["bench"] for r in rows] == ["repl"] * 3 + ["tasks"] * len(bench.tasks.FAMILIES)
     assert [r["what"] for r in rows[3:]] == [f"make_task {f} 20,000 chars" for f in bench.tasks.FAMILIES]
     for r in rows:   # each ratio is its own measured time over its baseline's, informative (no target)
         assert r["ratio"] == pytest.approx(r["seconds"] / r["baseline_seconds"]) and r["met"] is None
@@ -141,7 +141,7 @@ def test_table_marks_missed_targets_and_main_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--tiny", "--only", "tasks", "--task-chars", "5000", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report["device"] and len(report["rows"]) == 4 and report["settings"]["tiny"]
+    assert report["device"] and len(report["rows"]) == len(bench.tasks.FAMILIES) and report["settings"]["tiny"]
     assert "make_task niah" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--only", "nonsense"])
