@@ -161,9 +161,9 @@ def test_demonstrations_are_token_exact(tiny_policy, family, strategy, turns):
     system = text.split("<|im_start|>system\n", 1)[1].split("<|im_end|>", 1)[0]
     user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
     conversation = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    for turn in root.turns:
+    for k, turn in enumerate(root.turns):
         conversation.append({"role": "assistant", "content": turn["reply"]})
-        if turn["observation"] is not None:
+        if turn["observation"] is not None and k + 1 < len(root.turns):   # the last one is kept, never fed
             conversation.append({"role": "user", "content": turn["observation"]})
     rendered = tiny_policy.tokenizer.apply_chat_template(conversation, tokenize=False)
     assert tiny_policy.encode(rendered.rstrip("\n")) == root.token_ids
