@@ -40,9 +40,16 @@ def torchrun(script, args, cwd, n=2, timeout=600):
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def why(done):
+    """A failed torchrun's story: the first rank's own lines (where a crash starts; the others then
+    only report a closed connection), then the end of stderr."""
+    first = [line for line in done.stderr.splitlines() if line.startswith("[rank0]")]
+    return "\n".join(first[-40:]) + "\n...\n" + done.stderr[-3000:]
+
+
 def test_two_processes_take_the_step_one_process_takes_on_both_shares(tiny_model_dir, tmp_path):
     done = torchrun(WORKER, ["steps", tiny_model_dir, str(tmp_path)], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the same step on every rank
     initial, one = two_steps(tiny_model_dir)  # one process, all eight rollouts
@@ -67,7 +74,7 @@ def two_process_run(tiny_model_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("torchrun")
     done = torchrun(os.path.join(REPO, "train.py"), RUN + ["--model", tiny_model_dir, "--out_dir", str(out_dir)],
                     cwd=out_dir)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     return str(out_dir), done
 
 
@@ -99,7 +106,7 @@ def test_torchrun_resume_continues_and_another_world_size_is_refused(two_process
     assert "written by a run of 2 process(es), and this one has 1" in str(refused.value)
     assert "torchrun --nproc_per_node 2 train.py --resume" in str(refused.value)
     done = torchrun(os.path.join(REPO, "train.py"), ["--resume", "--out_dir", out_dir, "--steps", "3"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, why(done)
     assert [m["step"] for m in lines(os.path.join(out_dir, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
     state = torch.load(os.path.join(out_dir, "checkpoint", "state.pt"), weights_only=False)
     assert state["step"] == 5 and state["world_size"] == 2
