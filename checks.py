@@ -139,7 +139,9 @@ def writable_folder(path, what):
     """Refuse a folder that cannot be made or written in (a file in its place, no permission)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{what} {path} is a file, not a folder; choose another {what}")
-    probe = os.path.join(path, ".write-test")
+    # One probe per process: under torchrun every rank checks the same folder at the same time, and
+    # with one shared name a rank could remove the probe another had just made (ENOENT), failing it.
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w"):
