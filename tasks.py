@@ -191,10 +191,15 @@ FILLERS = ("generated", "prose", "code")
 _VALUE_LIKE = re.compile(r"\d,\d{3},\d{3}|[A-Z]{2}-\d{4}-[A-Z]{2}")
 
 
-def _haystack(rng, length, facts, fixed=None, filler="generated", part="seen"):
+def _haystack(rng, length, facts, fixed=None, filler=None, wording="seen"):
     """Filler plus one line per fact, exactly `length` characters. filler: generated sentences,
     or real text that ships with Python (realtext.py): "prose" (its reference manual) or "code"
-    (its standard library's source), from the documents of `part` ("seen" or "held_out")."""
+    (its standard library's source), from the documents of the wording's part ("held_out" for a
+    held-out wording, else "seen"). None: the generated sentences of old for wording "original",
+    otherwise any of the three, real text half the time."""
+    if filler is None:
+        filler = "generated" if wording == "original" else rng.choice(("generated", "generated", "prose", "code"))
+    part = "held_out" if wording == "held_out" else "seen"
     budget = length - sum(len(f) + 1 for f in facts)
     if budget < 200:
         need = length - budget + 200
@@ -333,10 +338,7 @@ def _niah(rng, length, needles=None, queried=1, decoys=0, depth=None, wording="s
     all_keys = [shaped(*k) for k in targets + decoy_keys]
     values = [_niah_value(rng, value_shape, v) for v in rng.sample(range(1_000_000, 10_000_000), len(all_keys))]
     facts = [_needle(k, v, frame) for k, v in zip(all_keys, values)]
-    if filler is None:   # "original": the generated sentences of old; otherwise any, real text half the time
-        filler = "generated" if wording == "original" else rng.choice(("generated", "generated", "prose", "code"))
-    part = "held_out" if wording == "held_out" else "seen"
-    context = _haystack(rng, length, facts, None if depth is None else {0: depth}, filler, part)
+    context = _haystack(rng, length, facts, None if depth is None else {0: depth}, filler, wording)
     asked = all_keys[:queried]
     instruction = rng.choice(_templates(NIAH_INSTRUCTIONS, wording)).format(what=_VALUE_WHAT[value_shape])
     if queried == 1:
@@ -593,10 +595,7 @@ def _multihop(rng, length, hops=2, distractors=None, wording="seen", filler=None
     path = f"{agent}'s handler"
     for rel in _RELATIONS[1:hops - 1]:
         path = f"the {rel} of {path}"
-    if filler is None:
-        filler = "generated" if wording == "original" else rng.choice(("generated", "generated", "prose", "code"))
-    part = "held_out" if wording == "held_out" else "seen"
-    context = _haystack(rng, length, facts, None, filler, part)
+    context = _haystack(rng, length, facts, None, filler, wording)
     query = rng.choice(_templates(MULTIHOP_QUESTIONS, wording)).format(path=path) \
         + rng.choice(_templates(MULTIHOP_INSTRUCTIONS, wording))
     return query, context, answer, "exact"

@@ -207,14 +207,12 @@ def read_answer(prompt):
         if m := pattern.search(question):
             return read_records(kind, m.group(1), text)
     if m := NIAH_QUERY.search(question):
-        value = value_near(text, first_group(m))
-        return value if value else NOT_FOUND
+        return value_near(text, first_group(m)) or NOT_FOUND
     if m := HOP_QUERY.search(question):
         return next_name(text, m.group(1), m.group(2)) or NOT_FOUND
     if m := CITY_QUERY.search(question):
         return city_of(text, m.group(1)) or NOT_FOUND
-    found = None
-    return found.group(1) if found else NOT_FOUND
+    return NOT_FOUND
 
 
 def read_records(kind, topic, text):
@@ -292,16 +290,6 @@ def final_reply(value, rng):
     if rng.random() < 0.5:
         return f"FINAL({value})"
     return code(rng, f"FINAL({value!r})")
-
-
-def lookup_code(prefix, rng, value=r"([^.\n]+)", may_be_absent=True):
-    """One regex for 'prefix <value>' anywhere in the context. Keys and names hold only letters,
-    digits, spaces, hyphens and apostrophes, so they go into the pattern as they are."""
-    if not may_be_absent:
-        return f"FINAL(re.search(r\"{prefix} {value}\", context).group(1))"
-    var = rng.choice(["m", "match", "hit", "found"])
-    return (f"{var} = re.search(r\"{prefix} {value}\", context)\n"
-            f"FINAL({var}.group(1) if {var} else {NOT_FOUND!r})")
 
 
 def print_lines_code(needle, rng):
