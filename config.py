@@ -23,7 +23,8 @@ from checkpoint import LOGS, load_checkpoint
 from checks import InputError, adapter_folder, at_least, between, positive, writable_folder
 from reward import RewardConfig
 from tasks import FAMILIES, make_task
-from teacher import STRATEGIES
+from grpo import TRAIN_CALLS
+from teacher import HABITS, STRATEGIES
 
 # What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
 RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint")
@@ -45,7 +46,8 @@ VALID = dict(
     micro_batch_tokens="at least 1", grad_clip="greater than 0", eps_low="at least 0 and below 1",
     eps_high="at least 0", beta="at least 0", lora_rank="at least 1", lora_alpha="greater than 0",
     checkpoint_every="at least 0", eval_every="at least 0", eval_n="at least 0",
-    lengths="at least 1000 each", warm_lengths="at least 1000 each", eval_lengths="at least 1000 each")
+    max_call_sub_calls="at least 0 (0: no limit)", max_prompt_chars="at least 0 (0: no limit)",
+    train_calls="all, rlm or root", lengths="at least 1000 each", warm_lengths="at least 1000 each", eval_lengths="at least 1000 each")
 
 
 def parse_flags(argv, defaults, doc=None):
@@ -97,7 +99,7 @@ def check_config(cfg):
     for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
                  "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch", "lora_rank"):
         problems.append(at_least(f"--{name}", cfg[name], 1))
-    for name in ("steps", "warm_demos", "max_depth", "max_sub_calls", "weight_decay", "beta", "eps_high",
+    for name in ("steps", "warm_demos", "max_depth", "max_sub_calls", "max_call_sub_calls", "max_prompt_chars", "weight_decay", "beta", "eps_high",
                  "checkpoint_every", "eval_every", "eval_n"):
         problems.append(at_least(f"--{name}", cfg[name], 0))
     if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
@@ -110,7 +112,14 @@ def check_config(cfg):
     unknown = [f for f in cfg["families"].split(",") if f not in FAMILIES]
     if unknown:
         problems.append(f"unknown task families {unknown}; choose from {','.join(FAMILIES)}")
-    if cfg.get("warm_strategies", "all") != "all":
+    if cfg.get("train_calls", "all") not in TRAIN_CALLS:
+        problems.append(f"--train_calls must be one of {', '.join(TRAIN_CALLS)} (got {cfg['train_calls']!r})")
+    if cfg.get("warm_strategies") == "habits":
+        others = [f for f in cfg["families"].split(",") if f not in HABITS]
+        if others:
+            problems.append(f"--warm_strategies habits: teacher.HABITS has no habits for {','.join(others)} "
+                            f"(it has {','.join(HABITS)}); drop them from --families or clone other strategies")
+    elif cfg.get("warm_strategies", "all") != "all":
         known = {s for f in cfg["families"].split(",") for s in STRATEGIES.get(f, ())}
         unknown = sorted(set(cfg["warm_strategies"].split(",")) - known)
         if unknown or not known & set(cfg["warm_strategies"].split(",")):

@@ -216,6 +216,8 @@ def summarize(records):
         concurrent, sub_calls = sum(r["concurrent"] for r in rs), sum(r["sub_calls"] for r in rs)
         row["concurrent_share"] = concurrent / max(1, sub_calls)
         row["concurrent_ci"] = wilson(concurrent, sub_calls)
+        deep = sum(r["depth"] >= 2 for r in rs)  # rollouts whose tree reached a second level of sub-calls
+        row["second_level"], row["second_level_ci"] = deep / len(rs), wilson(deep, len(rs))
         row.update(error_rates(rs))
         if method == "direct":
             row["context_cut"] = sum(r["context_cut"] for r in rs) / len(rs)
@@ -265,6 +267,16 @@ def strategy_profile(rollout):
                               for i in range(len(records)))
     return {"turns": sum(t["reply"] is not None for t in rollout.calls[0].turns), "sub_calls": sub_calls,
             "concurrent": concurrent, **error_profile(rollout)}
+
+
+def recursion_profile(rollouts):
+    """How a batch of rollouts recursed, pooled: sub-calls per rollout, the share of sub-calls run
+    concurrently (strategy_profile), and the share of rollouts that reached a second level."""
+    profiles = [strategy_profile(r) for r in rollouts]
+    sub_calls = sum(p["sub_calls"] for p in profiles)
+    return {"sub_calls": sub_calls / max(1, len(rollouts)),
+            "concurrent_share": sum(p["concurrent"] for p in profiles) / max(1, sub_calls),
+            "second_level": sum(r.cost.depth >= 2 for r in rollouts) / max(1, len(rollouts))}
 
 
 # How repl.py shows a failed cell: a traceback (chained exceptions print one per link, joined by one

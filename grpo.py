@@ -185,11 +185,17 @@ class Row:
     depth: int = 0      # (the loss treats every call alike; tests check rows come from every call)
 
 
-def build_rows(rollouts, advantages_N, skip_zero_advantage=False):
+TRAIN_CALLS = {"all": ("root", "rlm_query", "llm_query"), "rlm": ("root", "rlm_query"), "root": ("root",)}
+
+
+def build_rows(rollouts, advantages_N, skip_zero_advantage=False, calls="all"):
     """Every call of every rollout's tree (rollout.calls: root and children) becomes a Row that
     carries its root rollout's advantage. Calls with no sampled token are skipped. With
     skip_zero_advantage, rows of rollouts with A == 0 are dropped: their policy gradient is exactly
-    zero (but with beta > 0 they would still have contributed a KL term)."""
+    zero (but with beta > 0 they would still have contributed a KL term). calls: a key of
+    TRAIN_CALLS, the kinds of call that become rows."""
+    if calls not in TRAIN_CALLS:
+        raise ValueError(f"calls must be one of {sorted(TRAIN_CALLS)}, got {calls!r}")
     advantages_N = [float(a) for a in torch.as_tensor(advantages_N, dtype=torch.float64).flatten()]
     if len(advantages_N) != len(rollouts):
         raise ValueError(f"got {len(advantages_N)} advantages for {len(rollouts)} rollouts: one advantage per rollout")
@@ -198,6 +204,8 @@ def build_rows(rollouts, advantages_N, skip_zero_advantage=False):
         if skip_zero_advantage and advantage == 0.0:
             continue
         for call_index, call in enumerate(rollout.calls):
+            if call.kind not in TRAIN_CALLS[calls]:
+                continue
             token_ids, sampled_mask = list(call.token_ids), [int(bool(m)) for m in call.sampled_mask]
             where = f"rollout {rollout_index}, call {call_index} ({call.kind})"
             if len(token_ids) != len(sampled_mask):
@@ -267,7 +275,7 @@ def _pad(rows, pad_id):
 
 
 def grpo_step(policy, optimizer, rollouts, advantages_N, *, temperature, max_generated_tokens, micro_batch_tokens,
-              epochs=1, eps_low=0.2, eps_high=0.28, beta=0.0, grad_clip=1.0):
+              epochs=1, eps_low=0.2, eps_high=0.28, beta=0.0, grad_clip=1.0, train_calls="all"):
     """The Dr. GRPO update on one batch of rollouts, one advantage each. -> what is worth logging.
 
         advantages_N = group_advantages(rewards_N, group_size, correctness_N=correctness_N)
@@ -290,9 +298,13 @@ def grpo_step(policy, optimizer, rollouts, advantages_N, *, temperature, max_gen
     alongside, none at all from the teacher), so a ratio against them would clip on rounding.
     With epochs=1 old is the current score (ratio 1, nothing clips, no extra pass); each later
     epoch's ratio measures how far the earlier steps moved, and the clip range bounds it.
+
+    train_calls: which calls of each tree become rows (TRAIN_CALLS): "all", "rlm" (the root and child
+    RLMs: the calls that write code and choose sub-calls) or "root". Plain completions' prompts carry
+    the pieces they read, so with many sub-calls they are most of an update's tokens.
     """
     policy.train_mode()
-    rows = build_rows(rollouts, advantages_N, skip_zero_advantage=beta == 0)
+    rows = build_rows(rollouts, advantages_N, skip_zero_advantage=beta == 0, calls=train_calls)
     batches = micro_batches(rows, micro_batch_tokens, pad_id=policy.pad_token_id)
     batches = [b.to(policy.device) for b in batches]
     # Under torchrun (dist.py) every rank's rollouts count in the norm and the ranks' gradients are

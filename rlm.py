@@ -106,6 +106,11 @@ class BudgetExhausted(RuntimeError):
     """Raised inside a rollout when a call's share of the token or sub-call budget is spent."""
 
 
+class SubCallRefused(RuntimeError):
+    """Raised in the model's code when a sub-call breaks a per-call limit (RLM's max_call_sub_calls,
+    max_prompt_chars); nothing is spent, and the message says what to do instead."""
+
+
 # -----------------------------------------------------------------------------
 # The batcher: many coroutines ask for one completion each; the model sees batches
 
@@ -185,9 +190,10 @@ class Batcher:
 # Prompts
 
 
-def system_prompt(can_recurse, allow_async):
+def system_prompt(can_recurse, allow_async, max_call_sub_calls=0, max_prompt_chars=0):
     # Short on purpose: it is prefilled on every turn of every call, and trained on (as context) in
-    # every row, so each token here costs compute many times over.
+    # every row, so each token here costs compute many times over. The limits line appears only
+    # when a run sets per-call limits, so the model can plan around them (see RLM).
     lines = [
         "You answer a query about a long context. It is the variable `context` in a Python REPL: write "
         "Python in ```repl blocks and see what they print; variables persist.",
@@ -202,6 +208,10 @@ def system_prompt(can_recurse, allow_async):
         lines.append("- `llm_query_batched(prompts)` -> list of str; `await llm_query_async(prompt)`"
                      + (", `await rlm_query_async(query, context)`" if can_recurse else "")
                      + ": run many at once, e.g. with `await asyncio.gather(...)`.")
+    limits = [f"each call may start at most {max_call_sub_calls} sub-calls" if max_call_sub_calls else "",
+              f"an llm_query prompt may hold at most {max_prompt_chars} characters" if max_prompt_chars else ""]
+    if any(limits):
+        lines.append("- Limits: " + "; ".join(x for x in limits if x) + ".")
     lines += [
         "- `FINAL(answer)`: give the answer. The first FINAL ends your work: nothing after it runs.",
         "Inspect the context with code (slicing, re, chunks), ask sub-calls about pieces, combine, then FINAL.",
@@ -280,6 +290,7 @@ class _RolloutState:
         # they belong to an earlier cell of the turn, all of whose sub-calls end before the next).
         self.requested = {}  # call id -> {REPL request id: sub-call id}
         self.known_ended = {}  # call id -> sub-call ids
+        self.started = {}  # call id -> how many sub-calls it has started (max_call_sub_calls)
 
     def tick(self):
         self.clock += 1
@@ -301,7 +312,8 @@ class RLM:
 
     def __init__(self, batcher, *, max_depth=2, max_turns=6, max_new_tokens=256, max_sub_calls=16,
                  max_generated_tokens=4096, max_child_tokens=None, max_child_sub_calls=None,
-                 max_call_tokens=8192, allow_async=True, allow_rlm_query=True,
+                 max_call_tokens=8192, max_call_sub_calls=0, max_prompt_chars=0, allow_async=True,
+                 allow_rlm_query=True,
                  repl_timeout=10.0, max_output_chars=2000, preview_chars=300, on_sample=None):
         self.batcher = batcher
         self.policy = batcher.policy
@@ -315,6 +327,11 @@ class RLM:
         self.max_child_tokens = max_child_tokens or max(max_new_tokens, max_generated_tokens // 4)
         self.max_child_sub_calls = max_child_sub_calls or max(1, max_sub_calls // 4)
         self.max_call_tokens = max_call_tokens  # one call's conversation must fit the model's window
+        # Per-call limits (0 = none), stated in the system prompt: how many sub-calls one call may start,
+        # and how many characters a plain completion may read. Together they bound what one level of
+        # calls can cover (K pieces of C characters), so a longer input needs a child RLM per part,
+        # which splits its part again: the reason for depth in tasks.py's tally family.
+        self.max_call_sub_calls, self.max_prompt_chars = max_call_sub_calls, max_prompt_chars
         self.allow_async = allow_async
         self.allow_rlm_query = allow_rlm_query
         self.repl_timeout, self.max_output_chars = repl_timeout, max_output_chars
@@ -386,7 +403,8 @@ class RLM:
     async def _rlm_call(self, state, call, context):
         call.started, query = time.time(), call.query
         can_recurse = self.allow_rlm_query and call.depth < self.max_depth
-        messages = [{"role": "system", "content": system_prompt(can_recurse, self.allow_async)},
+        messages = [{"role": "system", "content": system_prompt(can_recurse, self.allow_async,
+                                                                self.max_call_sub_calls, self.max_prompt_chars)},
                     {"role": "user", "content": user_prompt(query, context, self.preview_chars)}]
         call.append(self.policy.chat_ids(messages), False)
         lock = None if self.allow_async else asyncio.Lock()
@@ -464,12 +482,15 @@ class RLM:
         if fn == "rlm_query" and not self.allow_rlm_query:
             raise RuntimeError("rlm_query is not available in this run; use llm_query instead")
         recurse = fn == "rlm_query" and call.depth < self.max_depth
+        if not recurse:  # llm_query, or rlm_query past max depth: one plain completion
+            prompt = request["prompt"] if fn == "llm_query" else f"{request['query']}\n\n{request['context']}"
+        self._check_limits(state, call, None if recurse else prompt)
         shares = (self.max_child_tokens, self.max_child_sub_calls) if recurse else (self.max_new_tokens, 1)
         child_budget = budget.lend(request.get("id"), *shares)
+        state.started[call.id] = state.started.get(call.id, 0) + 1
         if recurse:
             child = self._new_call(state, call.id, "rlm_query", call.depth + 1, request["query"])
-        else:  # llm_query, or rlm_query past max depth: one plain completion
-            prompt = request["prompt"] if fn == "llm_query" else f"{request['query']}\n\n{request['context']}"
+        else:
             child = self._new_call(state, call.id, "llm_query", call.depth + 1, prompt)
         state.budgets[child.id] = child_budget
         requested[request.get("id")] = child.id
@@ -492,6 +513,18 @@ class RLM:
             stopped = any((t["observation"] or "").startswith("[stopped") for t in child.turns)
             return "(the sub-call gave no answer" + (": its budget ran out)" if stopped else ")")
         return result
+
+
+    def _check_limits(self, state, call, prompt):
+        """Refuse a sub-call that breaks a per-call limit, before anything is lent or counted."""
+        if self.max_call_sub_calls and state.started.get(call.id, 0) >= self.max_call_sub_calls:
+            raise SubCallRefused(f"this call has started its {self.max_call_sub_calls} sub-calls, the most one call "
+                                 "may start; hand bigger parts to rlm_query (a child can split its part again), "
+                                 "or combine what you have and call FINAL")
+        if self.max_prompt_chars and prompt is not None and len(prompt) > self.max_prompt_chars:
+            raise SubCallRefused(f"this llm_query prompt has {len(prompt):,} characters, more than the "
+                                 f"{self.max_prompt_chars:,} one may hold; ask about smaller pieces, or hand "
+                                 "the text to rlm_query, whose code can split it")
 
 
 def strip_eos(ids, eos_ids):

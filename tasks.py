@@ -102,7 +102,7 @@ from pathlib import Path
 
 from realtext import real_filler_lines, source_cheap_answers, source_task
 
-FAMILIES = ("niah", "aggregate", "pairs", "multihop", "source")
+FAMILIES = ("niah", "aggregate", "pairs", "multihop", "source", "tally")
 SCORINGS = ("exact", "number", "f1")
 # Where tasks are used. Each split owns its own seed space (see task_seed), so held-out data is
 # held out by construction, not by the luck of two random draws never meeting.
@@ -406,6 +406,7 @@ AGGREGATE_LABELS = tuple(_TOPIC_SPECS)
 # reference program can recover a record's label by lookup.
 AGGREGATE_TEXTS = {label: [t.format(s=s, r=r) for t, s, r in itertools.product(*spec)]
                    for label, spec in _TOPIC_SPECS.items()}
+TOPIC_OF = {text: label for label, texts in AGGREGATE_TEXTS.items() for text in texts}  # each text's one topic
 
 _HEADER = "Each line below is one record: a date, a user id and a short text."
 _DATES = [f"2024-{m:02d}-{d:02d}" for m in range(1, 13)
@@ -525,6 +526,43 @@ def _pairs(rng, length, condition="both", users=None, label=None):
 
 
 # ----------------------------------------------------------------------------------
+# tally: count the notes about a topic, where no code can judge a topic and one call may
+# read only a few notes (rlm.RLM's per-call limits), so recursion is necessary
+
+TALLY_HEADER = "Each line below is one note."
+TALLY_QUESTIONS = {
+    "seen": ("How many notes are about {label}?", "Count the notes about {label}."),
+    "held_out": ("What is the number of notes on the topic {label}?", "Of all the notes, how many concern {label}?"),
+}
+MAX_NOTE_CHARS = max(len(t) for ts in AGGREGATE_TEXTS.values() for t in ts)
+
+
+def _tally(rng, length, label=None, wording="seen"):
+    if label is not None and label not in AGGREGATE_LABELS:
+        raise ValueError(f"tally label must be one of {AGGREGATE_LABELS}, got {label!r}")
+    if length < len(TALLY_HEADER) + 6 * (MAX_NOTE_CHARS + 1):
+        raise ValueError(f"length={length} is too small for tally; use length >= "
+                         f"{len(TALLY_HEADER) + 6 * (MAX_NOTE_CHARS + 1)}")
+    label = label or rng.choice(AGGREGATE_LABELS)
+    share = rng.uniform(0.0, 0.6)  # the label's expected share: counts spread, so no constant earns much
+    weights = [1.0] * len(AGGREGATE_LABELS)
+    i = AGGREGATE_LABELS.index(label)
+    weights[i] = share / (1 - share) * (sum(weights) - weights[i])
+    notes, budget = [], length - len(TALLY_HEADER)
+    while True:
+        note = rng.choice(AGGREGATE_TEXTS[rng.choices(AGGREGATE_LABELS, weights)[0]])
+        if budget < len(note) + 1:
+            break
+        notes.append(note)
+        budget -= len(note) + 1
+    count = sum(TOPIC_OF[n] == label for n in notes)
+    topics = (f"Each note is about exactly one of these topics: {', '.join(AGGREGATE_LABELS)}. The topic is "
+              "not named in the note; judge it from the meaning.")
+    question = rng.choice(_templates(TALLY_QUESTIONS, wording)).format(label=label)
+    return f"{topics} {question} Answer with a number.", TALLY_HEADER + "".join("\n" + n for n in notes), count, "exact"
+
+
+# ----------------------------------------------------------------------------------
 # multihop
 
 _FIRST = ("Mara Theo Ines Oskar Lena Felix Nadia Hugo Clara Emil Vera Jonas Ada Milo Rosa "
@@ -625,7 +663,7 @@ def split_of(seed):
 
 
 _GENERATORS = {"niah": _niah, "aggregate": _aggregate, "pairs": _pairs, "multihop": _multihop,
-               "source": source_task}
+               "source": source_task, "tally": _tally}
 
 
 def make_task(family, length, seed, **variant):
@@ -926,6 +964,9 @@ def cheap_answers(task):
             found = [str(round(n_records / len(AGGREGATE_LABELS)))] + [str(i) for i in range(n_records + 1)]
         else:
             found = list(AGGREGATE_LABELS)
+    elif task.family == "tally":   # key-blind counts: an even share of the notes, and every count
+        n_notes = text.count("\n")
+        found = [str(round(n_notes / len(AGGREGATE_LABELS)))] + [str(i) for i in range(n_notes + 1)]
     elif task.family == "pairs":
         users = sorted(set(re.findall(r"User: (\d+)", text)))
         found = [json.dumps([list(map(int, p)) for p in itertools.combinations(users, 2)])]

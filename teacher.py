@@ -66,7 +66,8 @@ from dataclasses import dataclass
 
 from realtext import parse_source_query
 from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
-from tasks import AGGREGATE_TEXTS, MULTIHOP_QUESTIONS, NIAH_QUESTIONS, make_task, score, task_seed
+from tasks import (AGGREGATE_TEXTS, MULTIHOP_QUESTIONS, NIAH_QUESTIONS, TALLY_QUESTIONS, TOPIC_OF, make_task, score,
+                   task_seed)
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
 STRATEGIES = {"niah": ("regex", "look", "guess", "window", "split_async", "split_sync"),
@@ -108,7 +109,6 @@ RECORD = re.compile(r"Date: (\d{4}-\d\d)-\d\d \|\| User: (\d+) \|\| Text: (.+)")
 # Judging a record's topic from its meaning is what a sub-model does; the teacher does it with
 # the pools tasks.py draws the texts from (disjoint, so a text has one topic), as a language
 # model knows that "the tacos from the truck" are food. It reads the text from the prompt.
-TOPIC_OF = {text: label for label, texts in AGGREGATE_TEXTS.items() for text in texts}
 
 
 @dataclass
@@ -186,6 +186,8 @@ def reply(messages, strategy, rng):
         return niah_turn(first_group(m), observations, strategy, rng, part)
     if parse_source_query(query):
         return source_turn(query, observations, strategy, rng)
+    if m := TALLY_QUERY.search(query):
+        return tally_turn(first_group(m), users[0], observations, strategy, rng)
     if m := CHAIN_QUERY.search(query):
         return chain_turn(*parse_chain(first_group(m)), observations, strategy, rng)
     if m := HOP_QUERY.search(query):  # a child asked for one hop: one search does it
@@ -203,6 +205,8 @@ def reply(messages, strategy, rng):
 def read_answer(prompt):
     """The plain sub-call: the answer to the question on the prompt's first line, from its text."""
     question, _, text = prompt.partition("\n")
+    if question == TALLY_ASK.strip():
+        return "\n".join(TOPIC_OF.get(note.strip(), "unknown") for note in text.splitlines() if note.strip())
     for kind, pattern in PIECE_QUERIES.items():
         if m := pattern.search(question):
             return read_records(kind, m.group(1), text)
@@ -544,20 +548,22 @@ async def _demonstrate_all(policy, jobs, rlm_settings, max_concurrent):
 
 
 def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_settings=None, max_concurrent=8,
-                        only=None):
+                        only=None, counts=None):
     """per_strategy correct demonstrations of every strategy of every family, each on its own task
     (from the "demo" split of tasks.task_seed, which no evaluation draws from). Balanced: a strategy whose
     rollout fails on a task is retried on the next task, so each gets the same count.
-    only: the (family, strategy) pairs to make, the others skipped (what a rank makes under torchrun)."""
+    only: the (family, strategy) pairs to make, the others skipped (what a rank makes under torchrun).
+    counts: {(family, strategy): n} instead of per_strategy for each (habit_counts); pairs absent: none."""
     rlm_settings = rlm_settings or BUDGETS["cpu"]
     demos = []
     for family in families:
         for s_index, strategy in enumerate(STRATEGIES[family]):
             if only is not None and (family, strategy) not in only:
                 continue
+            per_strategy_here = per_strategy if counts is None else counts.get((family, strategy), 0)
             kept, attempt = [], 0
-            while len(kept) < per_strategy and attempt < 3 * per_strategy:
-                need = per_strategy - len(kept)
+            while len(kept) < per_strategy_here and attempt < 3 * per_strategy_here:
+                need = per_strategy_here - len(kept)
                 jobs = []
                 for k in range(attempt, attempt + need):
                     length = lengths[k % len(lengths)]
@@ -566,7 +572,7 @@ def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_set
                 attempt += need
                 results = asyncio.run(_demonstrate_all(policy, jobs, rlm_settings, max_concurrent))
                 kept += [d for d in results if d.correctness == 1.0]
-            if len(kept) < per_strategy:
+            if len(kept) < per_strategy_here:
                 raise RuntimeError(f"the teacher's {family}/{strategy} strategy solved only {len(kept)} of "
                                    f"{attempt} tasks; raise the rollout budgets (max_new_tokens, "
                                    f"max_generated_tokens, max_sub_calls) so the strategy fits")
@@ -724,3 +730,81 @@ STRATEGIES["source"] = SOURCE_STRATEGIES
 
 if __name__ == "__main__":
     main()
+
+
+# -----------------------------------------------------------------------------
+# The tally family: count the notes about a topic under per-call limits (rlm.RLM's
+# max_call_sub_calls, max_prompt_chars, stated in the system prompt), where recursion is necessary
+#
+#   sync   sub-calls one after another, the original RLM's habit             (slowest)
+#   async  the same sub-calls all at once (llm_query_batched, asyncio.gather)
+#
+# Both read the context's size from the prompt. When one level can cover the notes (at most
+# TALLY_PIECES pieces of TALLY_NOTES notes), the call labels each piece with one llm_query and
+# counts the labels in code; when it cannot, it hands parts of TALLY_PIECES * TALLY_NOTES notes to
+# child RLMs (a list of notes each), which do the same on their part, and adds their counts up.
+
+TALLY_STRATEGIES = ("sync", "async")
+TALLY_QUERY = re.compile("|".join(re.escape(q).replace(re.escape("{label}"), r"(\w+)")
+                                  for q in TALLY_QUESTIONS["seen"]))
+TALLY_ASK = "Give the topic of each note, one per line.\n"  # a piece's llm_query: this line, then its notes
+TALLY_NOTES = 6        # notes per llm_query: 6 of the longest note and TALLY_ASK fit in 800 characters
+TALLY_PIECES = 4       # sub-calls per call (the experiment's max_call_sub_calls)
+TALLY_ONE_LEVEL = 1600  # characters of a str context below which one level surely covers it (24 notes)
+SIZE = re.compile(r"The context is a (\w+) of ([\d,]+) (characters|items)")
+PLANS.update({
+    ("tally", "sync"): ("one sub-call after another", "sub-calls in turn, then add up"),
+    ("tally", "async"): ("all sub-calls at once", "sub-calls concurrently, then add up"),
+})
+
+
+def tally_turn(label, user_prompt, observations, strategy, rng):
+    """The first (and only) reply of a tally call: label pieces, or hand parts to child RLMs."""
+    if observations:  # the first reply always FINALs; a second turn means it failed
+        return final_reply(NOT_FOUND, rng)
+    strategy = strategy if strategy in TALLY_STRATEGIES else "sync"
+    kind, size, _ = SIZE.search(user_prompt).groups()
+    size = int(size.replace(",", ""))
+    notes, out = rng.choice(["notes", "lines", "rows"]), rng.choice(["replies", "answers", "results"])
+    head = f"{notes} = context\n" if kind == "list" else f"{notes} = context.splitlines()[1:]\n"
+    one_level = size <= TALLY_NOTES * TALLY_PIECES if kind == "list" else size <= TALLY_ONE_LEVEL
+    step = TALLY_NOTES if one_level else TALLY_NOTES * TALLY_PIECES
+    parts = f"[{notes}[i:i + {step}] for i in range(0, len({notes}), {step})]"
+    if one_level:
+        head += f"ask = {TALLY_ASK!r}\n"
+        prompts = f"[ask + '\\n'.join(p) for p in {parts}]"
+        if strategy == "sync":
+            asking = f"{out} = [llm_query(p) for p in {prompts}]\n"
+        elif rng.random() < 0.5:
+            asking = f"{out} = llm_query_batched({prompts})\n"
+        else:
+            asking = f"{out} = await asyncio.gather(*[llm_query_async(p) for p in {prompts}])\n"
+        total = f"FINAL(sum(r.split().count({label!r}) for r in {out}))"
+    else:
+        if strategy == "sync":
+            asking = f"{out} = [rlm_query(query, p) for p in {parts}]\n"
+        else:
+            asking = f"{out} = await asyncio.gather(*[rlm_query_async(query, p) for p in {parts}])\n"
+        total = f"FINAL(sum(int(re.search(r'\\d+', r).group()) for r in {out}))"
+    return code(rng, head + asking + total, ("tally", strategy))
+
+
+STRATEGIES["tally"] = TALLY_STRATEGIES
+
+# The original RLM's habits as the majority of a warm start (HABITS), the efficient strategies a
+# minority (share EFFICIENT_SHARE): sub-calls one after another, recursion where code suffices (child
+# RLMs on halves of a niah context, an llm_query per multihop hop). RL from it has slower and
+# cheaper ways to choose between, each of which the warm-started policy samples.
+EFFICIENT_SHARE = 0.2
+HABITS = {"tally": ("sync", "async"), "niah": ("split_sync", "regex"), "multihop": ("llm_chain", "regex")}
+
+
+def habit_counts(families, demos_per_family):
+    """{(family, strategy): demonstrations} of the habit mix: per family, round(EFFICIENT_SHARE * n)
+    (at least 1) of the efficient strategy, the rest of the habit."""
+    counts = {}
+    for family in families:
+        habit, efficient = HABITS[family]
+        k = max(1, round(EFFICIENT_SHARE * demos_per_family))
+        counts[(family, habit)], counts[(family, efficient)] = demos_per_family - k, k
+    return counts

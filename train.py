@@ -52,13 +52,13 @@ import dist
 import config
 from checkpoint import DeferInterrupt, restore_rng, save_checkpoint, truncate_logs, write_whole
 from config import ints, reward_settings
-from eval import evaluate, format_errors, format_table, held_out_suite, summarize
+from eval import evaluate, format_errors, format_table, held_out_suite, recursion_profile, summarize
 from grpo import group_advantages, grpo_step, unsolved_fraction, zero_spread_fraction
 from lora import load_policy
 from reward import reward_for, summarize_rollouts
 from rlm import BUDGETS, RLM, Batcher
 from tasks import make_task, task_seed
-from teacher import STRATEGIES, make_demonstrations
+from teacher import STRATEGIES, habit_counts, make_demonstrations
 from trace import write_jsonl
 from view import plot_curves, write_html
 
@@ -77,7 +77,7 @@ warm_demos = 16  # correct demonstrations per teacher strategy (0 = no warm star
 # (print the key's lines, copy the value from what was printed), which carries over to wordings
 # never seen. Cloning "guess" clones its failing first cell too: with 6 demonstrations each of
 # look and guess, the student opened with the classic regex and resubmitted it.
-warm_strategies = "look"
+warm_strategies = "look"  # or "habits": teacher.HABITS, the original RLM's habits as 80% (recurse.py)
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
@@ -87,6 +87,7 @@ steps = 1  # RL optimizer steps, after the warm start (0 = warm start only)
 tasks_per_step = 2  # distinct tasks per step
 group_size = 4  # rollouts per task; advantages are relative within the group
 lengths = "2000,8000,32000"  # the curriculum: context lengths in characters, unlocked in this order
+curriculum = True  # False: every length of --lengths from the first step (no unlocking)
 promote_at = 0.75  # held-out accuracy at the longest unlocked length that unlocks the next one
 skip_unsolved = True  # a group with no correct rollout teaches nothing (cost picks among right answers)
 # rollouts: rlm.BUDGETS["cpu"] (GPU_SIZED takes BUDGETS["gpu"]'s), one source for every script
@@ -95,6 +96,8 @@ max_turns = BUDGETS["cpu"]["max_turns"]  # turns per RLM call before the final "
 max_new_tokens = BUDGETS["cpu"]["max_new_tokens"]  # per reply (the teacher's longest is about 150 tokens)
 max_sub_calls = BUDGETS["cpu"]["max_sub_calls"]  # per rollout
 max_generated_tokens = BUDGETS["cpu"]["max_generated_tokens"]  # per rollout, the whole tree; the loss's norm
+max_call_sub_calls = 0  # sub-calls one call may start (0 = no limit); with max_prompt_chars, why tally needs depth
+max_prompt_chars = 0  # characters one llm_query prompt may hold (0 = no limit)
 # Sampling temperature in RL (log-probs are scored at the same temperature). Low on purpose: the
 # warm-started 135M model writes broken code in most samples at 0.7, and cost can only choose among
 # rollouts that are right; at 0.4 most are, and they still differ in strategy and length.
@@ -107,6 +110,7 @@ lr = 2e-4  # AdamW learning rate of the LoRA parameters in RL (a fresh optimizer
 weight_decay = 0.0
 epochs = 1  # optimizer steps per batch of rollouts (each uses every micro-batch)
 micro_batch_tokens = 4096  # padded tokens per forward/backward pass
+train_calls = "all"  # RL rows: "all" calls, "rlm" (root and child RLMs: no plain completions) or "root"
 grad_clip = 1.0
 eps_low = 0.2  # clip range of the ratio, below
 eps_high = 0.28  # and above (a little wider, to leave room for exploration)
@@ -135,7 +139,8 @@ def parse_config(argv):
 
 
 def rlm_settings(cfg):
-    return {k: cfg[k] for k in ("max_depth", "max_turns", "max_new_tokens", "max_sub_calls", "max_generated_tokens")}
+    return {k: cfg[k] for k in ("max_depth", "max_turns", "max_new_tokens", "max_sub_calls", "max_generated_tokens",
+                                "max_call_sub_calls", "max_prompt_chars")}
 
 
 def warm_start_batches(policy, cfg):
@@ -146,10 +151,13 @@ def warm_start_batches(policy, cfg):
         return []
     # Under torchrun each rank makes the demonstrations of its share of the strategies; all ranks then
     # hold all of them, in the order one process makes them.
-    wanted = None if cfg["warm_strategies"] == "all" else set(cfg["warm_strategies"].split(","))
-    pairs = [(f, s) for f in families for s in STRATEGIES[f] if wanted is None or s in wanted]
+    counts = habit_counts(families, cfg["warm_demos"]) if cfg["warm_strategies"] == "habits" else None
+    wanted = None if cfg["warm_strategies"] in ("all", "habits") else set(cfg["warm_strategies"].split(","))
+    pairs = [(f, s) for f in families for s in STRATEGIES[f]
+             if (wanted is None or s in wanted) and (counts is None or (f, s) in counts)]
     demos = make_demonstrations(policy, families, ints(cfg["warm_lengths"]), cfg["warm_demos"], seed=cfg["seed"],
-                                rlm_settings=rlm_settings(cfg), only=[pairs[i] for i in dist.share(len(pairs))])
+                                rlm_settings=rlm_settings(cfg), only=[pairs[i] for i in dist.share(len(pairs))],
+                                counts=counts)
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
     order = [i for epoch in range(cfg["warm_epochs"])
              for i in random.Random(f"{cfg['seed']}-warm-{epoch}").sample(range(len(demos)), len(demos))]
@@ -214,13 +222,14 @@ def rl_step(policy, optimizer, rlm, reward_config, cfg, step, lengths, record):
         # groups with no correct rollout teach nothing (unless --no-skip_unsolved)
         advantages_N = group_advantages(rewards_N, cfg["group_size"],
                                         correctness_N=correct_N if cfg["skip_unsolved"] else None)
-        stats = grpo_step(policy, optimizer, rollouts, advantages_N, **update_settings(cfg))
+        stats = grpo_step(policy, optimizer, rollouts, advantages_N, **update_settings(cfg),
+                          train_calls=cfg["train_calls"])
         # Rank 0 logs the whole step: every rank's rollouts and rewards, in the step's order.
         everyone = dist.gather(list(zip(rollouts, rewards)))
         rollouts, rewards = [r for r, _ in everyone], [w for _, w in everyone]
         rewards_N, correct_N = [r["reward"] for r in rewards], [r["correctness"] for r in rewards]
         metrics = {"step": step + 1, "phase": "rl", "max_length": lengths[-1],
-                   **summarize_rollouts(rollouts, rewards), **stats,
+                   **summarize_rollouts(rollouts, rewards), **recursion_profile(rollouts), **stats,
                    "zero_spread": zero_spread_fraction(rewards_N, cfg["group_size"]),
                    "unsolved": unsolved_fraction(correct_N, cfg["group_size"]),
                    "rollout_seconds": t1 - t0, "update_seconds": time.time() - t1, "lr": cfg["lr"]}
@@ -283,7 +292,8 @@ def run(argv, device):
                             "lr": cfg["warm_lr"]})
                 bar.set_postfix(phase="warm", nll=f"{stats['nll']:.3f}")
             else:
-                m = rl_step(policy, optimizer, rlm, reward_config, cfg, step, stages[:stage + 1], record)
+                unlocked = stages[:stage + 1] if cfg["curriculum"] else stages
+                m = rl_step(policy, optimizer, rlm, reward_config, cfg, step, unlocked, record)
                 bar.set_postfix(reward=f"{m['reward']:.3f}", acc=f"{m['accuracy']:.2f}",
                                 tokens=f"{m['generated_tokens']:.0f}")
                 if curriculum_due(cfg, done - len(warm), stage, len(stages)) and evaluated < done:
@@ -339,7 +349,7 @@ def new_optimizer(policy, cfg, phase):
 def curriculum_due(cfg, rl_done, stage, n_stages):
     """Whether to evaluate the longest unlocked length now: every eval_every RL steps, not after the
     last step (the final evaluation follows), and only while a longer length is still locked."""
-    return bool(cfg["eval_every"]) and rl_done % cfg["eval_every"] == 0 and rl_done < cfg["steps"] \
+    return cfg["curriculum"] and bool(cfg["eval_every"]) and rl_done % cfg["eval_every"] == 0 and rl_done < cfg["steps"] \
         and stage + 1 < n_stages
 
 
