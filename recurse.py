@@ -1,0 +1,296 @@
+"""
+Does RL learn to recurse? The whole experiment in one command: a warm start that clones the
+original RLM's habits, then cost-aware RL and accuracy-only RL from it (the same tasks and
+steps, several training seeds each), all evaluated on held-out tasks.
+
+    python recurse.py --preset short      # one training seed per arm, small n: read this one first
+    python recurse.py                     # the full experiment: two training seeds per arm
+    python recurse.py --preset gpu        # the GPU-sized version
+    python recurse.py --report            # the tables and the figure again, from what --out_dir holds
+
+The steps, each skipped when its output is already there (so a stopped run goes on where it was):
+  1. warm start   train.py --steps 0 --warm_strategies habits: teacher.HABITS, 80% of the
+                  demonstrations the original RLM's habits (sub-calls one after another, child RLMs
+                  on halves of a niah context, an llm_query per multihop hop), 20% the efficient
+                  strategy (asyncio.gather, one regex)                       -> out_dir/warm
+  2. RL arms      train.py --init_adapter out_dir/warm/adapter for each arm and training seed:
+                  "cost" (the reward's cost and latency weights, ARMS) and "accuracy" (both 0)
+                                                                            -> out_dir/<arm>-s<seed>
+  3. evaluation   every adapter on held-out tasks (the eval split, never trained on): sampled at
+                  the RL temperature (seeded per task) and greedy; and `direct` (the base model with
+                  the context in its prompt) on tally                      -> out_dir/eval/*.jsonl
+  4. report       out_dir/results.md: per family and length, accuracy, sub-calls per rollout, the
+                  share of sub-calls run concurrently, the share of rollouts that used a second
+                  level, the critical path and weighted tokens, each with a 95% interval (Wilson for
+                  rates, a bootstrap over rollouts for means and pooled shares; the arms pool their
+                  training seeds); the sub-model's accuracy at labelling notes; the cheap answers'
+                  floor. out_dir/steps.png: the same quantities over RL steps, one line per run.
+
+Every rollout runs under per-call limits (rlm.RLM's max_call_sub_calls=4, max_prompt_chars=800),
+stated in the system prompt: one level of calls covers about 24 notes of tally, so its longer
+inputs need a child RLM per part. RL trains the rows of the root and of child RLMs only
+(--train_calls rlm): the plain completions' prompts are most of a step's tokens, and their skill
+(labelling notes) comes from the warm start.
+"""
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+
+# Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import random
+import subprocess
+import sys
+import time
+
+from eval import best_constant, evaluate, wilson
+from reward import RewardConfig
+from tasks import TOPIC_OF, cheap_answers, make_task, score, task_seed
+from teacher import TALLY_ASK
+
+FAMILIES = "tally,niah,multihop"
+LIMITS = dict(max_call_sub_calls=4, max_prompt_chars=800)  # why tally needs depth (see the docstring)
+ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
+ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
+        "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
+COMMON = dict(families=FAMILIES, warm_strategies="habits", curriculum=False, train_calls="rlm", eval_n=0,
+              checkpoint_every=2, **ROLLOUTS)
+PRESETS = {
+    # lengths: tally's are 1, 2 and 4 parts of 24 notes; niah and multihop are judged at 3,000.
+    "short": dict(train=dict(warm_demos=10, warm_lengths="1200,3000", warm_epochs=2, steps=6, tasks_per_step=4,
+                             group_size=4, lengths="1200,3000,6000", temperature=0.7),
+                  seeds=(0,), n_sampled=10, n_greedy=4, n_direct=5,
+                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
+    "full": dict(train=dict(warm_demos=10, warm_lengths="1200,3000", warm_epochs=2, steps=10, tasks_per_step=4,
+                            group_size=4, lengths="1200,3000,6000", temperature=0.7),
+                 seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10,
+                 eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
+    "gpu": dict(train=dict(warm_demos=30, warm_lengths="1200,3000,6000", warm_epochs=3, steps=60, tasks_per_step=16,
+                           group_size=8, lengths="1200,3000,6000", temperature=0.7, micro_batch_tokens=32768,
+                           warm_batch=8, checkpoint_every=10),
+                seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30,
+                eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000, 6000), "multihop": (3000, 6000)}),
+}
+
+
+def train(out_dir, flags):
+    """One train.py run into out_dir, skipped when its adapter is there, resumed when it has a checkpoint."""
+    if os.path.exists(os.path.join(out_dir, "adapter", "adapter_config.json")):
+        print(f"  {out_dir}: done already", flush=True)
+        return
+    if os.path.exists(os.path.join(out_dir, "checkpoint")):
+        argv = ["--resume", "--out_dir", out_dir]
+    else:
+        argv = ["--overwrite", "--out_dir", out_dir] + [f"--{k}={v}" for k, v in flags.items()]
+    t0 = time.time()
+    subprocess.run([sys.executable, "train.py", *argv], check=True)
+    print(f"  {out_dir}: {(time.time() - t0) / 60:.1f} minutes", flush=True)
+
+
+def suite(preset, n, start=0):
+    """{length: [tasks]} of the held-out split, seen wording; the same call gives the same tasks."""
+    by_length = {}
+    for family, lengths in preset["eval_lengths"].items():
+        for length in lengths:
+            by_length.setdefault(length, []).extend(
+                make_task(family, length, task_seed("eval", family, length, start + i)) for i in range(n))
+    return by_length
+
+
+def evaluate_adapter(adapter, preset, temperature, n, path, methods=("rlm",)):
+    """Held-out rollouts of one adapter (None: the base model), written to path as JSONL records."""
+    if os.path.exists(path):
+        return
+    from lora import load_policy
+    from rlm import Batcher
+
+    policy = load_policy(None, adapter=adapter)
+    records = asyncio.run(evaluate(Batcher(policy, temperature=temperature), suite(preset, n), list(methods),
+                                   ROLLOUTS, RewardConfig.for_rollouts(ROLLOUTS["max_generated_tokens"]),
+                                   keep_traces=True))
+    with open(path + ".tmp", "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "trace": r["trace"] and dataclasses.asdict(r["trace"])}, default=str) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# The report: every figure with a 95% interval
+
+
+def bootstrap(values_by_rollout, stat, n=2000, seed=0):
+    """95% percentile interval of stat(list of per-rollout values) over resampled rollouts."""
+    rng, k = random.Random(seed), len(values_by_rollout)
+    if k == 0:
+        return (float("nan"), float("nan"))
+    draws = sorted(stat([values_by_rollout[rng.randrange(k)] for _ in range(k)]) for _ in range(n))
+    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def share(pairs):  # pooled share from (part, whole) per rollout
+    return sum(p for p, _ in pairs) / max(1, sum(w for _, w in pairs))
+
+
+def cell(records):
+    """The figures of one (policy, family, length) cell."""
+    n, cfg = len(records), RewardConfig()  # the reward's token weights: a prompt token counts 0.25
+    solved = sum(r["correctness"] >= 1.0 for r in records)
+    subs = [r["sub_calls"] for r in records]
+    conc = [(r["concurrent"], r["sub_calls"]) for r in records]
+    crit = [r["critical_path"] for r in records]
+    weighted = [cfg.prompt_token_weight * r["prompt_tokens"] + cfg.generated_token_weight * r["generated_tokens"]
+                for r in records]
+    deep = sum(r["depth"] >= 2 for r in records)
+    return {"n": n, "accuracy": solved / n, "accuracy_ci": wilson(solved, n),
+            "sub_calls": mean(subs), "sub_calls_ci": bootstrap(subs, mean),
+            "concurrent": share(conc), "concurrent_ci": bootstrap(conc, share),
+            "second_level": deep / n, "second_level_ci": wilson(deep, n),
+            "critical_path": mean(crit), "critical_path_ci": bootstrap(crit, mean),
+            "weighted_tokens": mean(weighted), "weighted_tokens_ci": bootstrap(weighted, mean)}
+
+
+def sub_model_accuracy(records):
+    """The plain completions that labelled tally notes: (notes labelled right, notes) over every trace."""
+    right = total = 0
+    for r in records:
+        for call in (r.get("trace") or {}).get("calls", []):
+            if call["kind"] != "llm_query" or not call["query"].startswith(TALLY_ASK):
+                continue
+            notes = [n for n in call["query"][len(TALLY_ASK):].splitlines() if n.strip()]
+            labels = (call.get("answer") or "").split()
+            total += len(notes)
+            right += sum(i < len(labels) and labels[i] == TOPIC_OF.get(note) for i, note in enumerate(notes))
+    return right, total
+
+
+def load(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def fmt(x, ci, pct=False):
+    if x != x:  # nan: nothing to show
+        return "-"
+    f = (lambda v: f"{v:.2f}") if pct else (lambda v: f"{v:.0f}" if abs(v) >= 10 else f"{v:.1f}")
+    return f"{f(x)} ({f(ci[0])}-{f(ci[1])})"
+
+
+def report(out_dir, preset):
+    groups = {"warm": ["warm"], **{arm: [f"{arm}-s{s}" for s in preset["seeds"]] for arm in ARMS}}
+    lines = ["| decoding | policy | family | length | n | accuracy | sub-calls | concurrent share | "
+             "second level | critical path | weighted tokens |", "|" + " --- |" * 11]
+    results = {}
+    for decoding in ("sampled", "greedy"):
+        for label, runs in groups.items():
+            records = [r for run in runs for r in load(os.path.join(out_dir, "eval", f"{run}-{decoding}.jsonl"))]
+            for key in sorted({(r["family"], r["length"]) for r in records}, key=lambda k: (FAMILIES.index(k[0]), k[1])):
+                c = cell([r for r in records if (r["family"], r["length"]) == key])
+                results[f"{decoding}/{label}/{key[0]}/{key[1]}"] = c
+                lines.append(f"| {decoding} | {label} | {key[0]} | {key[1]:,} | {c['n']} | "
+                             f"{fmt(c['accuracy'], c['accuracy_ci'], True)} | {fmt(c['sub_calls'], c['sub_calls_ci'])} | "
+                             f"{fmt(c['concurrent'], c['concurrent_ci'], True)} | "
+                             f"{fmt(c['second_level'], c['second_level_ci'], True)} | "
+                             f"{fmt(c['critical_path'], c['critical_path_ci'])} | "
+                             f"{fmt(c['weighted_tokens'], c['weighted_tokens_ci'])} |")
+            right, total = sub_model_accuracy(records)
+            if total:
+                results[f"{decoding}/{label}/sub_model"] = {"right": right, "notes": total,
+                                                            "ci": wilson(right, total)}
+    sub = [f"- {k}: {v['right']}/{v['notes']} notes labelled right ({v['right'] / v['notes']:.3f}, "
+           f"{v['ci'][0]:.3f}-{v['ci'][1]:.3f})" for k, v in results.items() if k.endswith("sub_model")]
+    direct = load(os.path.join(out_dir, "eval", "direct.jsonl"))
+    floor = []
+    for length in preset["eval_lengths"]["tally"]:
+        tasks = [make_task("tally", length, task_seed("eval", "tally", length, i)) for i in range(preset["n_sampled"])]
+        cheap = {name: mean([score(t, cheap_answers(t)[name]) for t in tasks]) for name in cheap_answers(tasks[0])}
+        rs = [r for r in direct if r["length"] == length]
+        solved = sum(r["correctness"] >= 1.0 for r in rs)
+        floor.append(f"| {length:,} | {len(tasks)} | {best_constant(tasks):.2f} | "
+                     + " | ".join(f"{v:.2f}" for v in cheap.values())
+                     + f" | {solved}/{len(rs)} ({fmt(solved / max(1, len(rs)), wilson(solved, len(rs)), True)}) |")
+    names = list(cheap_answers(make_task("tally", 1200, 0)))
+    text = "\n".join(["# Does RL learn to recurse? (recurse.py)", "",
+                      "Held-out tasks; sampled at the RL temperature, and greedy; the arms pool their training seeds "
+                      f"({', '.join(map(str, preset['seeds']))}). 95% intervals in brackets.", "", *lines, "",
+                      "Sub-model accuracy (plain completions labelling tally notes):", *sub, "",
+                      "tally floor: the best constant (oracle), the cheap answers, and `direct` (base model, "
+                      "context in the prompt, greedy):", "",
+                      "| length | n | best constant | " + " | ".join(names) + " | direct |",
+                      "|" + " --- |" * (4 + len(names)), *floor, ""])
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot_steps(out_dir, [run for arm in ARMS for run in groups[arm]])
+    print(text)
+
+
+def plot_steps(out_dir, runs):
+    """The training rollouts' figures over RL steps, one line per run (train.py's metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("accuracy", "accuracy"), ("sub-calls per rollout", "sub_calls"),
+              ("share of sub-calls concurrent", "concurrent_share"), ("share with a second level", "second_level"),
+              ("critical path (tokens)", "critical_path"), ("generated tokens", "generated_tokens")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, key) in zip(axes.flat, panels):
+        for run in runs:
+            ms = [m for m in load(os.path.join(out_dir, run, "metrics.jsonl")) if m.get("phase") == "rl" and key in m]
+            ax.plot([m["step"] - ms[0]["step"] + 1 for m in ms], [m[key] for m in ms], marker=".",
+                    linestyle="-" if run.startswith("cost") else "--", label=run)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "steps.png"), dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", choices=list(PRESETS))
+    parser.add_argument("--out_dir", default=None, help="default: out/recurse-<preset>")
+    parser.add_argument("--report", action="store_true", help="only write the report from what --out_dir holds")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    out_dir = args.out_dir or f"out/recurse-{args.preset}"
+    os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    if not args.report:
+        flags = {**COMMON, **preset["train"]}
+        t0 = time.time()
+        print("1. warm start (the original RLM's habits)", flush=True)
+        warm = os.path.join(out_dir, "warm")
+        train(warm, {**flags, "steps": 0})
+        print("2. RL arms", flush=True)
+        rl = {k: v for k, v in flags.items() if not k.startswith("warm_")}
+        for arm, weights in ARMS.items():
+            for seed in preset["seeds"]:
+                train(os.path.join(out_dir, f"{arm}-s{seed}"), {**rl, **weights, "seed": seed, "warm_demos": 0,
+                                                                 "init_adapter": os.path.join(warm, "adapter")})
+        print("3. evaluation on held-out tasks", flush=True)
+        runs = ["warm"] + [f"{arm}-s{s}" for arm in ARMS for s in preset["seeds"]]
+        for run in runs:
+            adapter = os.path.join(out_dir, run, "adapter")
+            for decoding, temperature, n in (("sampled", flags["temperature"], preset["n_sampled"]),
+                                             ("greedy", 0.0, preset["n_greedy"])):
+                print(f"  {run} {decoding}", flush=True)
+                evaluate_adapter(adapter, preset, temperature, n, os.path.join(out_dir, "eval", f"{run}-{decoding}.jsonl"))
+        direct_preset = {**preset, "eval_lengths": {"tally": preset["eval_lengths"]["tally"]}}
+        evaluate_adapter(None, direct_preset, 0.0, preset["n_direct"], os.path.join(out_dir, "eval", "direct.jsonl"),
+                         methods=("direct",))
+        print(f"experiment: {(time.time() - t0) / 60:.1f} minutes", flush=True)
+    report(out_dir, preset)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The recursion experiment's pieces: rlm.py's per-call limits, the tally family, the teacher's
+tally strategies and habit mix, RL rows by kind of call, and recurse.py's report figures."""
+
+import asyncio
+import math
+
+import pytest
+
+import recurse
+from eval import strategy_profile
+from grpo import build_rows
+from rlm import RLM, Batcher, system_prompt
+from scripted import ScriptedPolicy, parse, repl_block
+from tasks import AGGREGATE_LABELS, TOPIC_OF, cheap_answers, make_task, score, task_seed
+from teacher import HABITS, STRATEGIES, TALLY_ASK, demonstrate, habit_counts, make_demonstrations, read_answer
+
+LIMITS = dict(max_call_sub_calls=4, max_prompt_chars=800)
+SETTINGS = dict(recurse.ROLLOUTS)  # the experiment's rollouts: limits, 24 sub-calls, 4,096 tokens
+
+
+def run(policy, query="q", context="abcdefghij" * 10, **settings):
+    return asyncio.run(RLM(Batcher(policy, gather_window=0.005), **settings).run(query, context))
+
+
+# --- rlm.py: per-call limits
+
+def test_a_call_may_start_at_most_max_call_sub_calls_and_hears_why_when_refused():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "ok"
+        if p["turn"] == 0:
+            return repl_block("got = []\nfor i in range(6):\n    got.append(llm_query(f'piece {i}'))\nprint(got)")
+        return "FINAL(done)"
+
+    rollout = run(ScriptedPolicy(script), max_call_sub_calls=4, max_sub_calls=20, max_generated_tokens=4000)
+    observation = rollout.calls[0].turns[0]["observation"]
+    assert rollout.cost.sub_calls["llm_query"] == 4  # the fifth was refused before anything was spent
+    assert "SubCallRefused" in observation or "the most one call may start" in observation
+    assert "rlm_query" in observation  # the message says what to do instead
+
+
+def test_limits_hold_per_call_so_children_cover_more_than_one_level():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "x"
+        if p["query"] == "root":
+            return repl_block("FINAL(''.join(rlm_query('child', context) for _ in range(3)))")
+        return repl_block("FINAL(''.join(llm_query('p') for _ in range(3)))")
+
+    rollout = run(ScriptedPolicy(script), query="root", max_call_sub_calls=3, max_sub_calls=20,
+                  max_generated_tokens=4000, max_child_sub_calls=5)
+    assert rollout.answer == "x" * 9 and rollout.cost.sub_calls == {"llm_query": 9, "rlm_query": 3}
+
+
+def test_a_prompt_longer_than_max_prompt_chars_is_refused_and_a_child_rlm_may_take_the_text():
+    def script(text):
+        p = parse(text)
+        if p["kind"] == "llm":
+            return "read"
+        if p["query"] == "child":
+            return repl_block("FINAL(str(len(context)))")
+        if p["turn"] == 0:
+            return repl_block("print(llm_query('q ' + context))")
+        return repl_block("FINAL(rlm_query('child', context))")
+
+    rollout = run(ScriptedPolicy(script), context="y" * 900, max_prompt_chars=800)
+    assert "902 characters, more than the 800" in rollout.calls[0].turns[0]["observation"]
+    assert rollout.cost.sub_calls["llm_query"] == 0 and rollout.answer == "900"
+
+
+def test_the_system_prompt_states_limits_only_when_a_run_sets_them():
+    assert "Limits" not in system_prompt(True, True)
+    stated = system_prompt(True, True, 4, 800)
+    assert "at most 4 sub-calls" in stated and "at most 800 characters" in stated
+
+
+# --- tasks.py: tally
+
+@pytest.mark.parametrize("length", [1200, 3000, 6000, 50_000])
+def test_a_tally_count_is_the_notes_of_the_topic_and_the_context_fits_its_length(length):
+    for i in range(5):
+        task = make_task("tally", length, task_seed("eval", "tally", length, i))
+        label = next(lab for lab in AGGREGATE_LABELS if f"about {lab}" in task.query or f"notes about {lab}" in task.query)
+        notes = task.context.splitlines()[1:]
+        assert task.answer == sum(TOPIC_OF[n] == label for n in notes)
+        assert length - 130 < len(task.context) <= length
+        assert not any(lab in n.lower().split() for n in notes for lab in AGGREGATE_LABELS)  # judged from meaning
+
+
+def test_cheap_answers_earn_little_on_tally():
+    """An even share, every count at once, the whole context: floors the experiment reports. The
+    first count (0) is a constant guess; counts spread over [0, 0.6 of the notes] keep it rare."""
+    for length in (1200, 3000, 6000):
+        tasks = [make_task("tally", length, task_seed("eval", "tally", length, i)) for i in range(100)]
+        for name in cheap_answers(tasks[0]):
+            earned = sum(score(t, cheap_answers(t)[name]) for t in tasks) / len(tasks)
+            assert earned <= 0.2, (length, name, earned)
+
+
+def test_tally_refuses_a_held_out_wording_for_training_seeds():
+    with pytest.raises(ValueError, match="evaluation only"):
+        make_task("tally", 1200, task_seed("train", "tally", 1200, 0), wording="held_out")
+    held = make_task("tally", 1200, task_seed("eval", "tally", 1200, 0), wording="held_out")
+    assert "How many notes" not in held.query and "Count the notes" not in held.query
+
+
+# --- teacher.py: tally strategies and the habit mix
+
+@pytest.mark.parametrize("strategy", STRATEGIES["tally"])
+def test_tally_strategies_solve_every_length_under_the_limits(tiny_policy, strategy):
+    for length, deep in ((1200, False), (3000, True), (6000, True)):
+        for seed in (1, 2):
+            task = make_task("tally", length, task_seed("demo", "tally", length, seed))
+            demo = asyncio.run(demonstrate(tiny_policy, task, strategy, SETTINGS, seed))
+            assert demo.correctness == 1.0, (strategy, length, demo.rollout.answer, task.answer)
+            cost = demo.rollout.cost
+            assert (cost.depth == 2) == deep and (cost.sub_calls["rlm_query"] > 0) == deep
+            profile = strategy_profile(demo.rollout)
+            # sync: each sub-call waits for the one before; async: all of a turn's run together
+            # (a turn with a single sub-call has nothing to run beside)
+            together = sum(len(t["sub_calls"]) for c in demo.rollout.calls for t in c.turns if len(t["sub_calls"]) > 1)
+            assert profile["concurrent"] == (0 if strategy == "sync" else together) and together > 0
+
+
+def test_async_tally_has_a_shorter_critical_path_at_the_longest_length(tiny_policy):
+    task = make_task("tally", 6000, task_seed("demo", "tally", 6000, 3))
+    paths = {s: asyncio.run(demonstrate(tiny_policy, task, s, SETTINGS, 3)).rollout.cost.critical_path_tokens
+             for s in STRATEGIES["tally"]}
+    assert paths["async"] < 0.6 * paths["sync"], paths  # the experiment's target is 40% shorter
+
+
+def test_the_sub_model_labels_each_note_of_its_prompt():
+    notes = [AGGREGATE_TEXTS_FIRST[label] for label in ("food", "money", "food")]
+    assert read_answer(TALLY_ASK + "\n".join(notes)).split() == ["food", "money", "food"]
+
+
+AGGREGATE_TEXTS_FIRST = {label: next(t for t, lab in TOPIC_OF.items() if lab == label) for label in AGGREGATE_LABELS}
+
+
+def test_habit_counts_make_the_efficient_strategies_a_fifth(tiny_policy):
+    counts = habit_counts(list(HABITS), 10)
+    for family, (habit, efficient) in HABITS.items():
+        assert counts[(family, habit)] == 8 and counts[(family, efficient)] == 2
+    demos = make_demonstrations(tiny_policy, ["tally"], [1200], per_strategy=99, seed=4, rlm_settings=SETTINGS,
+                                counts=habit_counts(["tally"], 5))
+    assert sorted(d.strategy for d in demos) == ["async"] + ["sync"] * 4
+    assert all(d.correctness == 1.0 for d in demos)
+
+
+# --- grpo.py: which calls become rows
+
+def test_train_calls_keeps_rows_of_the_chosen_kinds_only(tiny_policy):
+    task = make_task("tally", 3000, task_seed("demo", "tally", 3000, 5))
+    rollout = asyncio.run(demonstrate(tiny_policy, task, "sync", SETTINGS, 5)).rollout
+    kinds = lambda calls: sorted({row.kind for row in build_rows([rollout], [1.0], calls=calls)})  # noqa: E731
+    assert kinds("all") == ["llm_query", "rlm_query", "root"]
+    assert kinds("rlm") == ["rlm_query", "root"] and kinds("root") == ["root"]
+    with pytest.raises(ValueError, match="calls must be one of"):
+        build_rows([rollout], [1.0], calls="children")
+
+
+# --- recurse.py: the report's figures
+
+def record(correct, sub_calls, concurrent, depth, critical, family="tally", length=1200):
+    return {"correctness": float(correct), "sub_calls": sub_calls, "concurrent": concurrent, "depth": depth,
+            "critical_path": critical, "prompt_tokens": 400, "generated_tokens": 100, "family": family,
+            "length": length}
+
+
+def test_a_cell_pools_shares_over_sub_calls_and_gives_intervals_that_hold_the_estimate():
+    records = [record(1, 4, 4, 2, 200), record(0, 2, 0, 1, 300), record(1, 0, 0, 0, 100)]
+    c = recurse.cell(records)
+    assert c["n"] == 3 and c["accuracy"] == pytest.approx(2 / 3)
+    assert c["concurrent"] == pytest.approx(4 / 6) and c["second_level"] == pytest.approx(1 / 3)
+    assert c["sub_calls"] == pytest.approx(2.0) and c["critical_path"] == pytest.approx(200.0)
+    assert c["weighted_tokens"] == pytest.approx(0.25 * 400 + 100)
+    for key in ("accuracy", "concurrent", "sub_calls", "critical_path"):
+        low, high = c[key + "_ci"]
+        assert low <= c[key] <= high, key
+    same = recurse.cell([record(1, 4, 4, 2, 200)] * 5)
+    assert same["critical_path_ci"] == (200, 200)  # no spread, no interval
+    assert math.isnan(recurse.mean([]))
+
+
+def test_sub_model_accuracy_counts_notes_labelled_right():
+    notes = [AGGREGATE_TEXTS_FIRST["food"], AGGREGATE_TEXTS_FIRST["travel"]]
+    trace = {"calls": [{"kind": "root", "query": "q", "answer": "1"},
+                       {"kind": "llm_query", "query": TALLY_ASK + "\n".join(notes), "answer": "food\nsports"}]}
+    assert recurse.sub_model_accuracy([{"trace": trace}, {"trace": None}]) == (1, 2)
