@@ -99,8 +99,8 @@ def check_config(cfg):
     for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
                  "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch", "lora_rank"):
         problems.append(at_least(f"--{name}", cfg[name], 1))
-    for name in ("steps", "warm_demos", "max_depth", "max_sub_calls", "max_call_sub_calls", "max_prompt_chars", "weight_decay", "beta", "eps_high",
-                 "checkpoint_every", "eval_every", "eval_n"):
+    for name in ("steps", "warm_demos", "max_depth", "max_sub_calls", "max_call_sub_calls", "max_prompt_chars",
+                 "weight_decay", "beta", "eps_high", "checkpoint_every", "eval_every", "eval_n"):
         problems.append(at_least(f"--{name}", cfg[name], 0))
     if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
         problems.append("--lr and --warm_lr must be positive")

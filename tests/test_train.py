@@ -274,6 +274,9 @@ def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_
     (["--cost_weight", "0.6", "--latency_weight", "0.6"], "cost_weight"),
     (["--warm_strategies", "look,chunks_async"], "['chunks_async'] not strategies of --families niah"),
     (["--eval_wordings", "seen,unseen"], "--eval_wordings must be seen, held_out or seen,held_out"),
+    (["--warm_strategies", "habits", "--families", "niah,source"], "teacher.HABITS has no habits for source"),
+    (["--train_calls", "children"], "--train_calls must be one of all, rlm, root"),
+    (["--max_call_sub_calls", "-1"], "--max_call_sub_calls must be at least 0"),
 ])
 def test_a_config_that_cannot_work_is_refused_at_start(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
