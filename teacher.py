@@ -753,8 +753,8 @@ TALLY_PIECES = 4       # sub-calls per call (the experiment's max_call_sub_calls
 TALLY_ONE_LEVEL = 1600  # characters of a str context below which one level surely covers it (24 notes)
 SIZE = re.compile(r"The context is a (\w+) of ([\d,]+) (characters|items)")
 PLANS.update({
-    ("tally", "sync"): ("one sub-call after another", "sub-calls in turn, then add up"),
-    ("tally", "async"): ("all sub-calls at once", "sub-calls concurrently, then add up"),
+    ("tally", "sync"): ("one sub-call after another",),  # one wording and one form per strategy: the two
+    ("tally", "async"): ("all sub-calls at once",),        # differ in a few tokens, which RL can flip
 })
 
 
@@ -765,7 +765,7 @@ def tally_turn(label, user_prompt, observations, strategy, rng):
     strategy = strategy if strategy in TALLY_STRATEGIES else "sync"
     kind, size, _ = SIZE.search(user_prompt).groups()
     size = int(size.replace(",", ""))
-    notes, out = rng.choice(["notes", "lines", "rows"]), rng.choice(["replies", "answers", "results"])
+    notes, out = "notes", "replies"
     head = f"{notes} = context\n" if kind == "list" else f"{notes} = context.splitlines()[1:]\n"
     one_level = size <= TALLY_NOTES * TALLY_PIECES if kind == "list" else size <= TALLY_ONE_LEVEL
     step = TALLY_NOTES if one_level else TALLY_NOTES * TALLY_PIECES
@@ -775,10 +775,8 @@ def tally_turn(label, user_prompt, observations, strategy, rng):
         prompts = f"[ask + '\\n'.join(p) for p in {parts}]"
         if strategy == "sync":
             asking = f"{out} = [llm_query(p) for p in {prompts}]\n"
-        elif rng.random() < 0.5:
-            asking = f"{out} = llm_query_batched({prompts})\n"
         else:
-            asking = f"{out} = await asyncio.gather(*[llm_query_async(p) for p in {prompts}])\n"
+            asking = f"{out} = llm_query_batched({prompts})\n"
         total = f"FINAL(sum(r.split().count({label!r}) for r in {out}))"
     else:
         if strategy == "sync":
