@@ -3,9 +3,9 @@ Does RL learn to recurse? The whole experiment in one command: a warm start that
 original RLM's habits, then cost-aware RL and accuracy-only RL from it (the same tasks and
 steps, several training seeds each), all evaluated on held-out tasks.
 
-    python recurse.py --preset short      # one training seed per arm, small n: read this one first
-    python recurse.py                     # the full experiment: two training seeds per arm
-    python recurse.py --preset gpu        # the GPU-sized version
+    python recurse.py --preset short      # tally, one training seed per arm, small n: run this one first
+    python recurse.py                     # the full experiment: tally, niah, multihop, two seeds per arm
+    python recurse.py --preset gpu        # the GPU-sized version (not run yet)
     python recurse.py --report            # the tables and the figure again, from what --out_dir holds
 
 The steps, each skipped when its output is already there (so a stopped run goes on where it was):
@@ -28,9 +28,9 @@ The steps, each skipped when its output is already there (so a stopped run goes 
 
 Every rollout runs under per-call limits (rlm.RLM's max_call_sub_calls=4, max_prompt_chars=800),
 stated in the system prompt: one level of calls covers about 24 notes of tally, so its longer
-inputs need a child RLM per part. RL trains the rows of the root and of child RLMs only
-(--train_calls rlm): the plain completions' prompts are most of a step's tokens, and their skill
-(labelling notes) comes from the warm start.
+inputs need a child RLM per part. On CPU, RL trains the root's rows only (--train_calls root):
+the children's and plain completions' prompts are most of a step's tokens, and the sub-model's
+skill (labelling notes) comes from the warm start; the GPU preset trains every call.
 """
 
 import argparse
@@ -51,26 +51,30 @@ from reward import RewardConfig
 from tasks import TOPIC_OF, cheap_answers, make_task, score, task_seed
 from teacher import TALLY_ASK
 
-FAMILIES = "tally,niah,multihop"
+FAMILIES = ("tally", "niah", "multihop")  # the experiment's families, in the report's order
 LIMITS = dict(max_call_sub_calls=4, max_prompt_chars=800)  # why tally needs depth (see the docstring)
 ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
-COMMON = dict(families=FAMILIES, warm_strategies="habits", curriculum=False, train_calls="rlm", eval_n=0,
-              checkpoint_every=2, **ROLLOUTS)
+COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
+              temperature=0.7, **ROLLOUTS)
+# RL samples at 0.7 so that the warm start's minority strategies come up in a group (a 20% strategy
+# at temperature 1 is about 12% at 0.7); lr 1e-3 because a CPU run has few steps. On CPU RL trains
+# the root's rows alone (train_calls root): children's and plain completions' prompts would be most
+# of each update (see the README's "Does RL learn to recurse?").
 PRESETS = {
-    # lengths: tally's are 1, 2 and 4 parts of 24 notes; niah and multihop are judged at 3,000.
-    "short": dict(train=dict(warm_demos=10, warm_lengths="1200,3000", warm_epochs=2, steps=6, tasks_per_step=4,
-                             group_size=4, lengths="1200,3000,6000", temperature=0.7),
+    # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
+    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=5,
+                             tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
                   seeds=(0,), n_sampled=10, n_greedy=4, n_direct=5,
-                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
-    "full": dict(train=dict(warm_demos=10, warm_lengths="1200,3000", warm_epochs=2, steps=10, tasks_per_step=4,
-                            group_size=4, lengths="1200,3000,6000", temperature=0.7),
+                  eval_lengths={"tally": (1200, 3000, 6000)}),
+    "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
+                            steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
-    "gpu": dict(train=dict(warm_demos=30, warm_lengths="1200,3000,6000", warm_epochs=3, steps=60, tasks_per_step=16,
-                           group_size=8, lengths="1200,3000,6000", temperature=0.7, micro_batch_tokens=32768,
-                           warm_batch=8, checkpoint_every=10),
+    "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
+                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-4, train_calls="all",
+                           micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30,
                 eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000, 6000), "multihop": (3000, 6000)}),
 }

@@ -30,6 +30,8 @@ Deliberate simplifications, one line each:
 - with a seed, each sample's randomness comes from (seed, the call's path in the tree, turn), so a
   rollout does not depend on how requests happened to be batched; call ids follow the tree too.
 - "synchronous" sub-calls (allow_async=False) means the sub-calls of one REPL are served one at a time.
+- per-call limits (max_call_sub_calls, max_prompt_chars; off by default) refuse a sub-call with an error in the
+  code, stated in the system prompt; a plain completion's prompt is otherwise only cut to the model's window.
 - latency is counted in generated tokens on the critical path, not seconds (seconds are reported beside it).
   A sub-call waits for the earlier ones of its turn whose replies its code had received before asking
   (all earlier ones when they are served one at a time): what the code did, not which call was faster.

@@ -1,7 +1,7 @@
 """
 Seeded, verifiable long-context tasks of any length, and their scorers.
 
-Four families, each modelled on a benchmark that RLMs are measured on:
+Six families, most modelled on a benchmark that RLMs are measured on:
 
   niah       one or more needles ("The special magic number for amber-falcon-42 is
              3141592.") hidden in distractor text, optionally with near-identical decoy
@@ -17,6 +17,11 @@ Four families, each modelled on a benchmark that RLMs are measured on:
   source     a question about one function of real Python source code (its first parameter,
              how many parameters it takes, a default value): the context is files of the
              standard library of the Python that runs this (realtext.py).
+  tally      one short note per line; count the notes about a topic. The topic is judged from
+             the meaning (no code can), and under rlm.RLM's per-call limits (a few sub-calls
+             per call, a few notes per llm_query) one level of calls covers about 24 notes, so
+             longer inputs need a child RLM per part: the family where recursion is necessary,
+             and depth has a reason (recurse.py). Scored exactly.
 
 Wording (niah and source so far): sentence frames, questions, answer instructions and key and
 value shapes come from one of two disjoint template sets, and real text from one of two
@@ -55,6 +60,8 @@ Variants (keyword arguments of make_task, default in brackets):
              short] other chains of the same shape
   source     question [random among "first_param", "n_params", "default"; "params", the list
              of parameter names, only when asked for]; wording ["seen"] or "held_out"
+  tally      label [random] to count, whose share of the notes is drawn from [0, 0.6];
+             wording ["seen"] or "held_out" (the question's phrasing)
 
 Scoring (score(task, prediction) -> [0, 1]) is lenient about form, strict about content,
 and reads a sentence as it reads a bare value, so a baseline that answers in words is

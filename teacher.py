@@ -33,6 +33,14 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
   and pairs chunks_async four chunks of records, llm_query all four at once
             chunks_sync  the same four chunks, one llm_query after the other
             rlm_halves   two halves, a child RLM on each, both at once       (dearest)
+  tally     sync         label pieces of 6 notes by llm_query one after another; past one
+                         level (24 notes), a child RLM per part of 24, one after another
+            async        the same, all at once (llm_query_batched, asyncio.gather)
+  source    look, parse, recover (see the source section at the end)
+
+HABITS is the warm start of the recursion experiment (recurse.py): per family, the original
+RLM's habit (sync sub-calls; recursion where code suffices) as 80% of the demonstrations and
+the efficient strategy as 20% (habit_counts).
 
 Children of split_* and rlm_chain are RLMs that the teacher answers with `regex`; children
 of rlm_halves pass their half to one llm_query. The records strategies read the question
