@@ -45,6 +45,10 @@ set): on a busy shared CPU spinning threads stall each other and times jump 20-f
   train    one step of train.py's default configuration (on CPU: one task, a group of 4
            rollouts), split into rollouts and update (once, no warm-up); --train-argv
            passes train.py flags, e.g. --train-argv="--group_size 8".
+  rows     (only with --only rows) one Dr. GRPO update on teacher rollouts of tally (recurse.py's
+           limits, sub-calls one after another; --rows-length characters, --rows-rollouts of them),
+           training the rows of the root and child RLMs (--train_calls rlm) or of the root alone
+           (root) vs every call (all): what recurse.py's CPU choice saves, with the tokens each trains on.
   dist     (only with --only dist) seconds per RL step of train.py run as `python train.py` (1
            process) vs `torchrun --nproc_per_node 2 train.py` (2 processes), same flags (--dist-argv),
            each rank half of the step's groups. On a 2-core CPU expect no speed-up: one process
@@ -78,16 +82,19 @@ import lora  # noqa: E402
 from checks import InputError, at_least, int_list, refuse, writable  # noqa: E402
 import tasks  # noqa: E402
 from repl import REPL  # noqa: E402
+from grpo import TRAIN_CALLS as TRAIN_KINDS  # noqa: E402
 from rlm import RLM, Batcher  # noqa: E402
 
-BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "merge", "train", "dist")
-OPTIONAL = ("dist",)  # run only when asked for by --only
-NEEDS_MODEL = {"fanout", "batcher", "memory", "merge", "train", "dist"}
+BENCHMARKS = ("fanout", "batcher", "memory", "repl", "tasks", "merge", "rows", "train", "dist")
+OPTIONAL = ("dist", "rows")  # run only when asked for by --only
+NEEDS_MODEL = {"fanout", "batcher", "memory", "merge", "rows", "train", "dist"}
 VALID = dict(repeats="at least 1", fanout_k="comma-separated, each at least 1", new_tokens="at least 1",
              chunk_chars="at least 1", batch="at least 1", score_batch="at least 1", score_len="at least 1",
-             context_chars="at least 1", task_chars="at least 2000")  # as parse_args checks them
+             context_chars="at least 1", task_chars="at least 2000", rows_length="at least 1200",
+             rows_rollouts="at least 1")  # as parse_args checks them
 DEFAULTS = dict(repeats=3, fanout_k="1,4,8,16", new_tokens=32, chunk_chars=400, batch=8, score_batch=8,
-                score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="",
+                score_len=2048, context_chars=50_000_000, task_chars=10_000_000, train_argv="", rows_length=3000,
+                rows_rollouts=4,
                 dist_argv="--steps 2 --warm_demos 0 --eval_n 0 --lengths 2000 --max_turns 1 --max_new_tokens 48 "
                           "--max_generated_tokens 256")
 # On CPU, 8 x 2048 scored tokens would need ~29 GB with grad, and a full training step takes ~7 minutes.
@@ -560,7 +567,41 @@ def bench_merge(policy, bf16_policy, new_tokens, repeats):
 
 
 # -----------------------------------------------------------------------------
-# 7. One training step, rollouts vs update
+# 7. Which calls an update trains on
+
+
+def bench_rows(policy, length, n_rollouts):
+    """grpo_step on the same teacher rollouts, training every call's rows, or only some kinds."""
+    import recurse
+    from grpo import grpo_step
+    from tasks import make_task, task_seed
+    from teacher import demonstrate
+
+    rollouts = [asyncio.run(demonstrate(policy, make_task("tally", length, task_seed("demo", "tally", length, i)),
+                                        "sync", recurse.ROLLOUTS, i)).rollout for i in range(n_rollouts)]
+    params = policy.trainable_parameters()
+    saved = [p.detach().clone() for p in params]
+    seconds, tokens = {}, {}
+    for calls in ("all", "rlm", "root"):
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        t0 = time.perf_counter()
+        stats = grpo_step(policy, optimizer, rollouts, [1.0] * n_rollouts, temperature=1.0,
+                          max_generated_tokens=recurse.ROLLOUTS["max_generated_tokens"], micro_batch_tokens=4096,
+                          train_calls=calls)
+        seconds[calls], tokens[calls] = time.perf_counter() - t0, stats["train_tokens"]
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    rows_in = lambda c: sum(len(call.token_ids) for r in rollouts for call in r.calls if call.kind in TRAIN_KINDS[c])  # noqa: E731
+    return [row("rows", f"update, train_calls={calls} ({n_rollouts} tally rollouts at {length:,} chars)",
+                measured=f"{seconds[calls]:.1f} s", baseline=f"all calls {seconds['all']:.1f} s",
+                ratio=seconds[calls] / seconds["all"], seconds=seconds[calls], sampled_tokens=tokens[calls],
+                row_tokens=rows_in(calls))
+            for calls in ("rlm", "root")]
+
+
+# -----------------------------------------------------------------------------
+# 8. One training step, rollouts vs update
 
 
 def bench_train(policy, train_argv):
@@ -665,6 +706,7 @@ def run(args):
             "tasks": lambda: bench_tasks(args.task_chars, args.repeats),
             "merge": lambda: bench_merge(policy, load(args.model, args.tiny, dtype=torch.bfloat16), args.new_tokens,
                                          args.repeats),
+            "rows": lambda: bench_rows(policy, args.rows_length, args.rows_rollouts),
             "train": lambda: bench_train(policy, args.train_argv.split()),
             "dist": lambda: bench_dist(folder if args.tiny else args.model, args.dist_argv.split()),
         }
@@ -701,7 +743,8 @@ def parse_args(argv=None):
         unknown and f"unknown benchmarks {unknown} in --only; choose from {','.join(BENCHMARKS)}",
         *(at_least(f"--{name.replace('_', '-')}", getattr(args, name), 1)
           for name in ("repeats", "new_tokens", "chunk_chars", "batch", "score_batch", "score_len", "context_chars")),
-        at_least("--task-chars", args.task_chars, 2000), fanout_problem])
+        at_least("--task-chars", args.task_chars, 2000), at_least("--rows-length", args.rows_length, 1200),
+        at_least("--rows-rollouts", args.rows_rollouts, 1), fanout_problem])
     if "train" in only:  # train.py's own checks, now rather than after the model loads
         import config
         import train

@@ -145,3 +145,13 @@ def test_table_marks_missed_targets_and_main_writes_json(tmp_path, capsys):
     assert "make_task niah" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--tiny", "--only", "nonsense"])
+
+
+def test_rows_trains_fewer_tokens_for_fewer_kinds_of_call_and_restores_the_adapter(tiny_policy):
+    before = [p.detach().clone() for p in tiny_policy.trainable_parameters()]
+    rows = bench.bench_rows(tiny_policy, length=3000, n_rollouts=1)
+    assert [r["what"].split(",")[1].split()[0] for r in rows] == ["train_calls=rlm", "train_calls=root"]
+    rlm, root = rows
+    # every row carries its own prompt: fewer kinds of call, fewer tokens to score and train on
+    assert 0 < root["row_tokens"] < rlm["row_tokens"] and 0 < root["sampled_tokens"] < rlm["sampled_tokens"]
+    assert all(torch.equal(p, b) for p, b in zip(tiny_policy.trainable_parameters(), before))
