@@ -807,10 +807,39 @@ HABITS = {"tally": ("sync", "async"), "niah": ("split_sync", "regex"), "multihop
 
 def habit_counts(families, demos_per_family):
     """{(family, strategy): demonstrations} of the habit mix: per family, round(EFFICIENT_SHARE * n)
-    (at least 1) of the efficient strategy, the rest of the habit."""
+    (at least 1, when n is) of the efficient strategy, the rest of the habit."""
     counts = {}
     for family in families:
         habit, efficient = HABITS[family]
-        k = max(1, round(EFFICIENT_SHARE * demos_per_family))
+        k = min(demos_per_family, max(1, round(EFFICIENT_SHARE * demos_per_family)))
         counts[(family, habit)], counts[(family, efficient)] = demos_per_family - k, k
     return counts
+
+
+def label_drills(policy, n, seed=0):
+    """n demonstrations of the tally sub-model's job alone: a plain completion whose prompt is
+    TALLY_ASK and 1 to TALLY_NOTES notes (drawn from "demo" tasks), and whose reply is their topics,
+    one per line. Each is a one-call rollout (kind llm_query), token-exact like any other: the
+    prompt's ids from the chat template, the reply's ids sampled by the teacher. Labelling is the
+    skill every tally rollout rests on, and its rows are short (about 150 tokens), so drilling it
+    costs far less than more whole demonstrations, whose RLM calls carry the system prompt."""
+    from trace import Call, Cost, Rollout
+
+    drills = []
+    for i in range(n):
+        rng = random.Random(f"{seed}/drill/{i}")
+        task = make_task("tally", 3000, seed=task_seed("demo", "tally", 3000, f"drill/{seed}/{i}"))
+        notes = task.context.splitlines()[1:]
+        start = rng.randrange(len(notes))
+        prompt = TALLY_ASK + "\n".join(notes[start:start + rng.randint(1, TALLY_NOTES)])
+        reply_ids = policy.encode(read_answer(prompt)) + [policy.eos_token_ids[0]]
+        call = Call(id=0, parent=None, kind="llm_query", depth=1, query=prompt)
+        call.append(policy.chat_ids([{"role": "user", "content": prompt}]), False)
+        call.append(reply_ids, True)
+        call.answer = read_answer(prompt)
+        cost = Cost(prompt_tokens=len(call.token_ids) - len(reply_ids), generated_tokens=len(reply_ids), depth=1,
+                    critical_path_tokens=len(reply_ids))
+        call.cost = cost
+        drills.append(Demonstration("tally", len(task.context), task.seed, "label", 1.0,
+                                    Rollout(prompt, call.answer, [call], cost, len(reply_ids))))
+    return drills

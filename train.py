@@ -58,7 +58,7 @@ from lora import load_policy
 from reward import reward_for, summarize_rollouts
 from rlm import BUDGETS, RLM, Batcher
 from tasks import make_task, task_seed
-from teacher import STRATEGIES, habit_counts, make_demonstrations
+from teacher import STRATEGIES, habit_counts, label_drills, make_demonstrations
 from trace import write_jsonl
 from view import plot_curves, write_html
 
@@ -79,6 +79,7 @@ warm_demos = 16  # correct demonstrations per teacher strategy (0 = no warm star
 # look and guess, the student opened with the classic regex and resubmitted it.
 warm_strategies = "look"  # or "habits": teacher.HABITS, the original RLM's habits as 80% (recurse.py)
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
+warm_drills = 0  # with tally: extra one-call demonstrations of its sub-model's job (teacher.label_drills)
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
 warm_lr = 1e-3  # AdamW learning rate of the warm start
@@ -147,7 +148,7 @@ def warm_start_batches(policy, cfg):
     """The teacher's demonstrations, shuffled per epoch and cut into the warm start's steps.
     A function of the config alone, so a resumed run makes the same batches again."""
     families = [f for f in cfg["families"].split(",") if f in STRATEGIES]
-    if not cfg["warm_demos"] or not families:
+    if not (cfg["warm_demos"] or cfg["warm_drills"]) or not families:
         return []
     # Under torchrun each rank makes the demonstrations of its share of the strategies; all ranks then
     # hold all of them, in the order one process makes them.
@@ -159,6 +160,8 @@ def warm_start_batches(policy, cfg):
                                 rlm_settings=rlm_settings(cfg), only=[pairs[i] for i in dist.share(len(pairs))],
                                 counts=counts)
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
+    if "tally" in families:  # the same on every rank: made from the seed alone, and cheap
+        demos += label_drills(policy, cfg["warm_drills"], seed=cfg["seed"])
     order = [i for epoch in range(cfg["warm_epochs"])
              for i in random.Random(f"{cfg['seed']}-warm-{epoch}").sample(range(len(demos)), len(demos))]
     return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]
