@@ -12,7 +12,8 @@ from grpo import build_rows
 from rlm import RLM, Batcher, system_prompt
 from scripted import ScriptedPolicy, parse, repl_block
 from tasks import AGGREGATE_LABELS, TOPIC_OF, cheap_answers, make_task, score, task_seed
-from teacher import HABITS, STRATEGIES, TALLY_ASK, demonstrate, habit_counts, make_demonstrations, read_answer
+from teacher import (HABITS, STRATEGIES, TALLY_ASK, demonstrate, habit_counts, label_drills as make_drills,
+                     make_demonstrations, read_answer)
 
 LIMITS = dict(max_call_sub_calls=4, max_prompt_chars=800)
 SETTINGS = dict(recurse.ROLLOUTS)  # the experiment's rollouts: limits, 24 sub-calls, 4,096 tokens
@@ -143,6 +144,7 @@ def test_habit_counts_make_the_efficient_strategies_a_fifth(tiny_policy):
     counts = habit_counts(list(HABITS), 10)
     for family, (habit, efficient) in HABITS.items():
         assert counts[(family, habit)] == 8 and counts[(family, efficient)] == 2
+    assert set(habit_counts(["tally"], 0).values()) == {0}  # no demonstrations asked, none made
     demos = make_demonstrations(tiny_policy, ["tally"], [1200], per_strategy=99, seed=4, rlm_settings=SETTINGS,
                                 counts=habit_counts(["tally"], 5))
     assert sorted(d.strategy for d in demos) == ["async"] + ["sync"] * 4
@@ -189,3 +191,18 @@ def test_sub_model_accuracy_counts_notes_labelled_right():
     trace = {"calls": [{"kind": "root", "query": "q", "answer": "1"},
                        {"kind": "llm_query", "query": TALLY_ASK + "\n".join(notes), "answer": "food\nsports"}]}
     assert recurse.sub_model_accuracy([{"trace": trace}, {"trace": None}]) == (1, 2)
+
+
+def test_label_drills_are_token_exact_one_call_demonstrations_of_the_right_labels(tiny_policy):
+    drills = make_drills(tiny_policy, 6, seed=2)
+    again = make_drills(tiny_policy, 6, seed=2)  # a function of the seed alone
+    assert [d.rollout.calls[0].token_ids for d in drills] == [d.rollout.calls[0].token_ids for d in again]
+    for d in drills:
+        (call,) = d.rollout.calls
+        assert call.kind == "llm_query" and call.query.startswith(TALLY_ASK)
+        notes = call.query[len(TALLY_ASK):].splitlines()
+        assert 1 <= len(notes) <= 6 and call.answer.split() == [TOPIC_OF[n] for n in notes]
+        prompt = [t for t, m in zip(call.token_ids, call.sampled_mask) if not m]
+        assert prompt == tiny_policy.chat_ids([{"role": "user", "content": call.query}])  # the template's own ids
+        assert sum(call.sampled_mask) == d.rollout.cost.generated_tokens and call.sampled_mask[-1] == 1
+    assert len(build_rows([d.rollout for d in drills], [1.0] * 6)) == 6
