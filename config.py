@@ -12,6 +12,7 @@ The defaults themselves stay in train.py, as plain values at the top, where a re
 """
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -38,7 +39,8 @@ CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_e
 
 # The valid range of each number, as --help states it and check_config enforces it.
 VALID = dict(
-    warm_demos="at least 0", warm_drills="at least 0", warm_epochs="at least 1", warm_batch="at least 1", warm_lr="greater than 0",
+    warm_demos="at least 0", warm_drills="at least 0", cost_budget="at least 0 (0: follows the rollouts)",
+    latency_budget="at least 0 (0: follows the rollouts)", warm_epochs="at least 1", warm_batch="at least 1", warm_lr="greater than 0",
     steps="at least 0", tasks_per_step="at least 1", group_size="at least 2", promote_at="between 0 and 1",
     max_depth="at least 0", max_turns="at least 1", max_new_tokens="at least 1", max_sub_calls="at least 0",
     max_generated_tokens="at least 1", temperature="greater than 0", cost_weight="at least 0",
@@ -99,7 +101,7 @@ def check_config(cfg):
     for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
                  "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch", "lora_rank"):
         problems.append(at_least(f"--{name}", cfg[name], 1))
-    for name in ("steps", "warm_demos", "warm_drills", "max_depth", "max_sub_calls", "max_call_sub_calls", "max_prompt_chars",
+    for name in ("steps", "warm_demos", "warm_drills", "cost_budget", "latency_budget", "max_depth", "max_sub_calls", "max_call_sub_calls", "max_prompt_chars",
                  "weight_decay", "beta", "eps_high", "checkpoint_every", "eval_every", "eval_n"):
         problems.append(at_least(f"--{name}", cfg[name], 0))
     if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
@@ -151,9 +153,12 @@ def check_config(cfg):
 
 
 def reward_settings(cfg):
-    """The reward's budgets follow the rollouts' (reward.RewardConfig.for_rollouts)."""
-    return RewardConfig.for_rollouts(cfg["max_generated_tokens"], cost_weight=cfg["cost_weight"],
-                                     latency_weight=cfg["latency_weight"])
+    """The reward's budgets follow the rollouts' (reward.RewardConfig.for_rollouts), unless the run
+    sets them (--cost_budget, --latency_budget), e.g. to the scale of rollouts far below their cap."""
+    config = RewardConfig.for_rollouts(cfg["max_generated_tokens"], cost_weight=cfg["cost_weight"],
+                                       latency_weight=cfg["latency_weight"])
+    budgets = {k: cfg[k] for k in ("cost_budget", "latency_budget") if cfg.get(k)}
+    return dataclasses.replace(config, **budgets) if budgets else config
 
 
 def prepare_out_dir(cfg, resuming):

@@ -58,8 +58,12 @@ LIMITS = dict(max_call_sub_calls=4, max_prompt_chars=800)  # why tally needs dep
 ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
+# The reward's budgets at the scale of these rollouts (a tally rollout's critical path is 130-710 tokens,
+# far below the 4,096 it may generate): a sync rollout at 6,000 characters pays 0.69 of the latency
+# weight, an async one 0.22, so the difference is worth 0.23 of a reward of 1, not 0.06.
+BUDGETS = dict(cost_budget=4096, latency_budget=1024)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
-              temperature=0.7, **ROLLOUTS)
+              temperature=0.7, **ROLLOUTS, **BUDGETS)
 # RL samples at 0.7 so that the warm start's minority strategies come up in a group (a 20% strategy
 # at temperature 1 is about 12% at 0.7); lr 1e-3 because a CPU run has few steps. On CPU RL trains
 # the root's rows alone (train_calls root): children's and plain completions' prompts would be most
@@ -118,7 +122,7 @@ def evaluate_adapter(adapter, preset, temperature, n, path, methods=("rlm",)):
 
     policy = load_policy(None, adapter=adapter)
     records = asyncio.run(evaluate(Batcher(policy, temperature=temperature), suite(preset, n), list(methods),
-                                   ROLLOUTS, RewardConfig.for_rollouts(ROLLOUTS["max_generated_tokens"]),
+                                   ROLLOUTS, RewardConfig(**ARMS["cost"], **BUDGETS),
                                    keep_traces=True))
     with open(path + ".tmp", "w") as f:
         for r in records:

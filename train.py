@@ -106,6 +106,8 @@ temperature = 0.4
 # reward
 cost_weight = 0.1  # charge for tokens, relative to the cost budget
 latency_weight = 0.1  # charge for critical-path tokens, relative to the latency budget
+cost_budget = 0  # weighted tokens at which the cost charge is full (0: 8 x max_generated_tokens, reward.py)
+latency_budget = 0  # critical-path tokens at which the latency charge is full (0: max_generated_tokens)
 # update
 lr = 2e-4  # AdamW learning rate of the LoRA parameters in RL (a fresh optimizer after the warm start)
 weight_decay = 0.0
