@@ -70,10 +70,10 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # of each update (see the README's "Does RL learn to recurse?").
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
-    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=5,
+    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=4,
                              tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
                   drills=dict(warm_drills=240, warm_epochs=2, warm_batch=16),
-                  seeds=(0,), n_sampled=10, n_greedy=4, n_direct=5,
+                  seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
                             steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
