@@ -13,8 +13,10 @@ The steps, each skipped when its output is already there (so a stopped run goes 
                   demonstrations the original RLM's habits (sub-calls one after another, child RLMs
                   on halves of a niah context, an llm_query per multihop hop), 20% the efficient
                   strategy (asyncio.gather, one regex)                 -> out_dir/warm-demos
-                  then, from that adapter, --warm_drills: one-call demonstrations of the tally
-                  sub-model's job (label the notes of a prompt), cheap rows  -> out_dir/warm
+                  then, from that adapter, one more epoch of the same demonstrations mixed with
+                  --warm_drills: one-call demonstrations of the tally sub-model's job (label the
+                  notes of a prompt), cheap rows. Drills alone made the root forget its code.
+                                                                            -> out_dir/warm
   2. RL arms      train.py --init_adapter out_dir/warm/adapter for each arm and training seed:
                   "cost" (the reward's cost and latency weights, ARMS) and "accuracy" (both 0)
                                                                             -> out_dir/<arm>-s<seed>
@@ -70,20 +72,20 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # of each update (see the README's "Does RL learn to recurse?").
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
-    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=4,
+    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=3,
                              tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
-                  drills=dict(warm_drills=240, warm_epochs=2, warm_batch=16),
+                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
                             steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
-                 drills=dict(warm_drills=240, warm_epochs=2, warm_batch=16),
+                 drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
                            warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-4, train_calls="all",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
-                drills=dict(warm_drills=1000, warm_epochs=2, warm_batch=32),
+                drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
                 seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30,
                 eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000, 6000), "multihop": (3000, 6000)}),
 }
@@ -284,8 +286,7 @@ def main(argv=None):
         print("1. warm start: the original RLM's habits, then drills of the sub-model's job", flush=True)
         warm, demos = os.path.join(out_dir, "warm"), os.path.join(out_dir, "warm-demos")
         train(demos, {**flags, "steps": 0})
-        train(warm, {**flags, **preset["drills"], "steps": 0, "warm_demos": 0,
-                     "init_adapter": os.path.join(demos, "adapter")})
+        train(warm, {**flags, **preset["drills"], "steps": 0, "init_adapter": os.path.join(demos, "adapter")})
         print("2. RL arms", flush=True)
         rl = {k: v for k, v in flags.items() if not k.startswith("warm_")}
         for arm, weights in ARMS.items():
