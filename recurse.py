@@ -99,7 +99,8 @@ def train(out_dir, flags):
     if os.path.exists(os.path.join(out_dir, "checkpoint")):
         argv = ["--resume", "--out_dir", out_dir]
     else:
-        argv = ["--overwrite", "--out_dir", out_dir] + [f"--{k}={v}" for k, v in flags.items()]
+        argv = ["--overwrite", "--out_dir", out_dir] + [f"--{'' if v else 'no-'}{k}" if isinstance(v, bool)
+                                                         else f"--{k}={v}" for k, v in flags.items()]
     t0 = time.time()
     subprocess.run([sys.executable, "train.py", *argv], check=True)
     print(f"  {out_dir}: {(time.time() - t0) / 60:.1f} minutes", flush=True)
