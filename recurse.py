@@ -289,7 +289,7 @@ def main(argv=None):
         train(demos, {**flags, "steps": 0})
         train(warm, {**flags, **preset["drills"], "steps": 0, "init_adapter": os.path.join(demos, "adapter")})
         print("2. RL arms", flush=True)
-        rl = {k: v for k, v in flags.items() if not k.startswith("warm_")}
+        rl = {**flags, "warm_demos": 0, "warm_drills": 0}  # RL alone, from the warm start's adapter
         for arm, weights in ARMS.items():
             for seed in preset["seeds"]:
                 train(os.path.join(out_dir, f"{arm}-s{seed}"), {**rl, **weights, "seed": seed, "warm_demos": 0,
