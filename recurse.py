@@ -91,6 +91,23 @@ PRESETS = {
 }
 
 
+def as_flags(values):
+    """{name: value} -> train.py's command line (a bool is --name or --no-name)."""
+    return [f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else f"--{k}={v}" for k, v in values.items()]
+
+
+def run_flags(preset):
+    """The train.py flags of each run of the experiment: {run name: flags}, in the order they run."""
+    flags = {**COMMON, **preset["train"]}
+    runs = {"warm-demos": {**flags, "steps": 0},
+            "warm": {**flags, **preset["drills"], "steps": 0, "init_adapter": "{out_dir}/warm-demos/adapter"}}
+    rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter"}
+    for arm, weights in ARMS.items():
+        for seed in preset["seeds"]:
+            runs[f"{arm}-s{seed}"] = {**rl, **weights, "seed": seed}
+    return runs
+
+
 def train(out_dir, flags):
     """One train.py run into out_dir, skipped when its adapter is there, resumed when it has a checkpoint."""
     if os.path.exists(os.path.join(out_dir, "adapter", "adapter_config.json")):
@@ -99,8 +116,7 @@ def train(out_dir, flags):
     if os.path.exists(os.path.join(out_dir, "checkpoint")):
         argv = ["--resume", "--out_dir", out_dir]
     else:
-        argv = ["--overwrite", "--out_dir", out_dir] + [f"--{'' if v else 'no-'}{k}" if isinstance(v, bool)
-                                                         else f"--{k}={v}" for k, v in flags.items()]
+        argv = ["--overwrite", "--out_dir", out_dir] + as_flags(flags)
     t0 = time.time()
     subprocess.run([sys.executable, "train.py", *argv], check=True)
     print(f"  {out_dir}: {(time.time() - t0) / 60:.1f} minutes", flush=True)
@@ -282,18 +298,11 @@ def main(argv=None):
     out_dir = args.out_dir or f"out/recurse-{args.preset}"
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
     if not args.report:
-        flags = {**COMMON, **preset["train"]}
-        t0 = time.time()
-        print("1. warm start: the original RLM's habits, then drills of the sub-model's job", flush=True)
-        warm, demos = os.path.join(out_dir, "warm"), os.path.join(out_dir, "warm-demos")
-        train(demos, {**flags, "steps": 0})
-        train(warm, {**flags, **preset["drills"], "steps": 0, "init_adapter": os.path.join(demos, "adapter")})
-        print("2. RL arms", flush=True)
-        rl = {**flags, "warm_demos": 0, "warm_drills": 0}  # RL alone, from the warm start's adapter
-        for arm, weights in ARMS.items():
-            for seed in preset["seeds"]:
-                train(os.path.join(out_dir, f"{arm}-s{seed}"), {**rl, **weights, "seed": seed, "warm_demos": 0,
-                                                                 "init_adapter": os.path.join(warm, "adapter")})
+        flags, t0 = {**COMMON, **preset["train"]}, time.time()
+        for name, run in run_flags(preset).items():
+            print(f"{'1. warm start' if name.startswith('warm') else '2. RL'}: {name}", flush=True)
+            train(os.path.join(out_dir, name), {k: v.replace("{out_dir}", out_dir) if isinstance(v, str) else v
+                                                for k, v in run.items()})
         print("3. evaluation on held-out tasks", flush=True)
         runs = ["warm"] + [f"{arm}-s{s}" for arm in ARMS for s in preset["seeds"]]
         for run in runs:

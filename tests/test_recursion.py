@@ -206,3 +206,20 @@ def test_label_drills_are_token_exact_one_call_demonstrations_of_the_right_label
         assert prompt == tiny_policy.chat_ids([{"role": "user", "content": call.query}])  # the template's own ids
         assert sum(call.sampled_mask) == d.rollout.cost.generated_tokens and call.sampled_mask[-1] == 1
     assert len(build_rows([d.rollout for d in drills], [1.0] * 6)) == 6
+
+
+def test_every_run_of_the_experiment_passes_train_py_checks():
+    """recurse.py runs train.py with these flags: each set must parse and pass check_config as given
+    (a bool as --name/--no-name), and the arms differ in the reward's weights alone."""
+    import config
+    import train
+
+    for name, preset in recurse.PRESETS.items():
+        runs = recurse.run_flags(preset)
+        assert list(runs)[:2] == ["warm-demos", "warm"] and len(runs) == 2 + len(recurse.ARMS) * len(preset["seeds"])
+        for flags in runs.values():
+            config.check_config(train.parse_config(recurse.as_flags(flags)))
+        seed = preset["seeds"][0]
+        cost, accuracy = runs[f"cost-s{seed}"], runs[f"accuracy-s{seed}"]
+        assert {k for k in cost if cost[k] != accuracy[k]} == {"cost_weight", "latency_weight"}
+        assert cost["warm_demos"] == 0 and "no-curriculum" in " ".join(recurse.as_flags(cost))
