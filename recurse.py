@@ -277,6 +277,8 @@ def plot_steps(out_dir, runs):
     for ax, (title, key) in zip(axes.flat, panels):
         for run in runs:
             ms = [m for m in load(os.path.join(out_dir, run, "metrics.jsonl")) if m.get("phase") == "rl" and key in m]
+            if not ms:  # a run not made (yet)
+                continue
             ax.plot([m["step"] - ms[0]["step"] + 1 for m in ms], [m[key] for m in ms], marker=".",
                     linestyle="-" if run.startswith("cost") else "--", label=run)
         ax.set_title(title, fontsize=10)
