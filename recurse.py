@@ -162,6 +162,15 @@ def bootstrap(values_by_rollout, stat, n=2000, seed=0):
     return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
 
 
+def share_interval(pairs):
+    """95% interval of a pooled share: a bootstrap over rollouts (their sub-calls are not independent),
+    or, when every resample gives the same share (none or all concurrent), Wilson over the sub-calls."""
+    low, high = bootstrap(pairs, share)
+    if low == high:
+        return wilson(sum(p for p, _ in pairs), sum(w for _, w in pairs))
+    return low, high
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -182,7 +191,7 @@ def cell(records):
     deep = sum(r["depth"] >= 2 for r in records)
     return {"n": n, "accuracy": solved / n, "accuracy_ci": wilson(solved, n),
             "sub_calls": mean(subs), "sub_calls_ci": bootstrap(subs, mean),
-            "concurrent": share(conc), "concurrent_ci": bootstrap(conc, share),
+            "concurrent": share(conc), "concurrent_ci": share_interval(conc),
             "second_level": deep / n, "second_level_ci": wilson(deep, n),
             "critical_path": mean(crit), "critical_path_ci": bootstrap(crit, mean),
             "weighted_tokens": mean(weighted), "weighted_tokens_ci": bootstrap(weighted, mean)}

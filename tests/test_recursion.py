@@ -181,8 +181,10 @@ def test_a_cell_pools_shares_over_sub_calls_and_gives_intervals_that_hold_the_es
     for key in ("accuracy", "concurrent", "sub_calls", "critical_path"):
         low, high = c[key + "_ci"]
         assert low <= c[key] <= high, key
-    same = recurse.cell([record(1, 4, 4, 2, 200)] * 5)
+    same = recurse.cell([record(1, 4, 0, 2, 200)] * 5)
     assert same["critical_path_ci"] == (200, 200)  # no spread, no interval
+    # none of 20 sub-calls concurrent: not a certainty, Wilson's interval over the sub-calls
+    assert same["concurrent"] == 0 and same["concurrent_ci"][0] == 0 and 0.1 < same["concurrent_ci"][1] < 0.2
     assert math.isnan(recurse.mean([]))
 
 
