@@ -484,9 +484,10 @@ class RLM:
         if fn == "rlm_query" and not self.allow_rlm_query:
             raise RuntimeError("rlm_query is not available in this run; use llm_query instead")
         recurse = fn == "rlm_query" and call.depth < self.max_depth
-        if not recurse:  # llm_query, or rlm_query past max depth: one plain completion
-            prompt = request["prompt"] if fn == "llm_query" else f"{request['query']}\n\n{request['context']}"
-        self._check_limits(state, call, None if recurse else prompt)
+        # The prompt of a plain completion: llm_query's, or rlm_query's past max depth (None: a child RLM).
+        prompt = None if recurse else request["prompt"] if fn == "llm_query" else \
+            f"{request['query']}\n\n{request['context']}"
+        self._check_limits(state, call, prompt)
         shares = (self.max_child_tokens, self.max_child_sub_calls) if recurse else (self.max_new_tokens, 1)
         child_budget = budget.lend(request.get("id"), *shares)
         state.started[call.id] = state.started.get(call.id, 0) + 1
@@ -515,7 +516,6 @@ class RLM:
             stopped = any((t["observation"] or "").startswith("[stopped") for t in child.turns)
             return "(the sub-call gave no answer" + (": its budget ran out)" if stopped else ")")
         return result
-
 
     def _check_limits(self, state, call, prompt):
         """Refuse a sub-call that breaks a per-call limit, before anything is lent or counted."""

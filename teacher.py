@@ -773,25 +773,24 @@ def tally_turn(label, user_prompt, observations, strategy, rng):
     strategy = strategy if strategy in TALLY_STRATEGIES else "sync"
     kind, size, _ = SIZE.search(user_prompt).groups()
     size = int(size.replace(",", ""))
-    notes, out = "notes", "replies"
-    head = f"{notes} = context\n" if kind == "list" else f"{notes} = context.splitlines()[1:]\n"
+    head = "notes = context\n" if kind == "list" else "notes = context.splitlines()[1:]\n"
     one_level = size <= TALLY_NOTES * TALLY_PIECES if kind == "list" else size <= TALLY_ONE_LEVEL
     step = TALLY_NOTES if one_level else TALLY_NOTES * TALLY_PIECES
-    parts = f"[{notes}[i:i + {step}] for i in range(0, len({notes}), {step})]"
+    parts = f"[notes[i:i + {step}] for i in range(0, len(notes), {step})]"
     if one_level:
         head += f"ask = {TALLY_ASK!r}\n"
         prompts = f"[ask + '\\n'.join(p) for p in {parts}]"
         if strategy == "sync":
-            asking = f"{out} = [llm_query(p) for p in {prompts}]\n"
+            asking = f"replies = [llm_query(p) for p in {prompts}]\n"
         else:
-            asking = f"{out} = llm_query_batched({prompts})\n"
-        total = f"FINAL(sum(r.split().count({label!r}) for r in {out}))"
+            asking = f"replies = llm_query_batched({prompts})\n"
+        total = f"FINAL(sum(r.split().count({label!r}) for r in replies))"
     else:
         if strategy == "sync":
-            asking = f"{out} = [rlm_query(query, p) for p in {parts}]\n"
+            asking = f"replies = [rlm_query(query, p) for p in {parts}]\n"
         else:
-            asking = f"{out} = await asyncio.gather(*[rlm_query_async(query, p) for p in {parts}])\n"
-        total = f"FINAL(sum(int(re.search(r'\\d+', r).group()) for r in {out}))"
+            asking = f"replies = await asyncio.gather(*[rlm_query_async(query, p) for p in {parts}])\n"
+        total = "FINAL(sum(int(re.search(r'\\d+', r).group()) for r in replies))"
     return code(rng, head + asking + total, ("tally", strategy))
 
 
@@ -832,14 +831,13 @@ def label_drills(policy, n, seed=0):
         notes = task.context.splitlines()[1:]
         start = rng.randrange(len(notes))
         prompt = TALLY_ASK + "\n".join(notes[start:start + rng.randint(1, TALLY_NOTES)])
-        reply_ids = policy.encode(read_answer(prompt)) + [policy.eos_token_ids[0]]
-        call = Call(id=0, parent=None, kind="llm_query", depth=1, query=prompt)
+        answer = read_answer(prompt)
+        reply_ids = policy.encode(answer) + [policy.eos_token_ids[0]]
+        call = Call(id=0, parent=None, kind="llm_query", depth=1, query=prompt, answer=answer)
         call.append(policy.chat_ids([{"role": "user", "content": prompt}]), False)
         call.append(reply_ids, True)
-        call.answer = read_answer(prompt)
-        cost = Cost(prompt_tokens=len(call.token_ids) - len(reply_ids), generated_tokens=len(reply_ids), depth=1,
-                    critical_path_tokens=len(reply_ids))
-        call.cost = cost
+        call.cost = Cost(prompt_tokens=len(call.token_ids) - len(reply_ids), generated_tokens=len(reply_ids),
+                         depth=1, critical_path_tokens=len(reply_ids))
         drills.append(Demonstration("tally", len(task.context), task.seed, "label", 1.0,
-                                    Rollout(prompt, call.answer, [call], cost, len(reply_ids))))
+                                    Rollout(prompt, answer, [call], call.cost, len(reply_ids))))
     return drills
