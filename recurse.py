@@ -53,10 +53,10 @@ import time
 from eval import best_constant, evaluate, wilson
 from reward import RewardConfig
 from tasks import TOPIC_OF, cheap_answers, make_task, score, task_seed
-from teacher import TALLY_ASK, TALLY_PIECES
+from teacher import TALLY_ASK, TALLY_PIECES, TALLY_PROMPT_CHARS
 
 FAMILIES = ("tally", "niah", "multihop")  # the experiment's families, in the report's order
-LIMITS = dict(max_call_sub_calls=TALLY_PIECES, max_prompt_chars=800)  # why tally needs depth (see the docstring)
+LIMITS = dict(max_call_sub_calls=TALLY_PIECES, max_prompt_chars=TALLY_PROMPT_CHARS)  # why tally needs depth (see the docstring)
 ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only

@@ -611,7 +611,11 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"teacher.py: --length: {e}")
     policy = ChatTokens(load_tokenizer())  # the teacher writes every reply: no model runs, none loads
-    demo = asyncio.run(demonstrate(policy, task, args.strategy, default_budgets(), args.seed))
+    settings = default_budgets()
+    if args.family == "tally":  # its strategies plan around per-call limits (recurse.py's)
+        settings.update(max_sub_calls=24, max_depth=2, max_call_sub_calls=TALLY_PIECES,
+                        max_prompt_chars=TALLY_PROMPT_CHARS)
+    demo = asyncio.run(demonstrate(policy, task, args.strategy, settings, args.seed))
     print(format_rollout(demo.rollout, max_chars=2000))
     print(f"correctness: {demo.correctness}")
 
@@ -736,9 +740,6 @@ def answer_from_signature(kind, name, param, observation, rng):
 STRATEGIES["source"] = SOURCE_STRATEGIES
 
 
-if __name__ == "__main__":
-    main()
-
 
 # -----------------------------------------------------------------------------
 # The tally family: count the notes about a topic under per-call limits (rlm.RLM's
@@ -758,12 +759,9 @@ TALLY_QUERY = re.compile("|".join(re.escape(q).replace(re.escape("{label}"), r"(
 TALLY_ASK = "Give the topic of each note, one per line.\n"  # a piece's llm_query: this line, then its notes
 TALLY_NOTES = 6        # notes per llm_query: 6 of the longest note and TALLY_ASK fit in 800 characters
 TALLY_PIECES = 4       # sub-calls per call (the experiment's max_call_sub_calls)
+TALLY_PROMPT_CHARS = 800  # characters per llm_query prompt (the experiment's max_prompt_chars)
 TALLY_ONE_LEVEL = 1600  # characters of a str context below which one level surely covers it (24 notes)
 SIZE = re.compile(r"The context is a (\w+) of ([\d,]+) (characters|items)")
-PLANS.update({
-    ("tally", "sync"): ("one sub-call after another",),  # one wording and one form per strategy: the two
-    ("tally", "async"): ("all sub-calls at once",),        # differ in a few tokens, which RL can flip
-})
 
 
 def tally_turn(label, user_prompt, observations, strategy, rng):
@@ -773,25 +771,22 @@ def tally_turn(label, user_prompt, observations, strategy, rng):
     strategy = strategy if strategy in TALLY_STRATEGIES else "sync"
     kind, size, _ = SIZE.search(user_prompt).groups()
     size = int(size.replace(",", ""))
-    head = "notes = context\n" if kind == "list" else "notes = context.splitlines()[1:]\n"
+    lines = ["notes = context" if kind == "list" else "notes = context.splitlines()[1:]"]
     one_level = size <= TALLY_NOTES * TALLY_PIECES if kind == "list" else size <= TALLY_ONE_LEVEL
     step = TALLY_NOTES if one_level else TALLY_NOTES * TALLY_PIECES
-    parts = f"[notes[i:i + {step}] for i in range(0, len(notes), {step})]"
+    lines.append(f"parts = [notes[i:i + {step}] for i in range(0, len(notes), {step})]")
+    # One line per step, and the strategies part at the first token after `replies =`: a warm start
+    # that saw the minority strategy samples it at about its share there, which RL can then move.
     if one_level:
-        head += f"ask = {TALLY_ASK!r}\n"
-        prompts = f"[ask + '\\n'.join(p) for p in {parts}]"
-        if strategy == "sync":
-            asking = f"replies = [llm_query(p) for p in {prompts}]\n"
-        else:
-            asking = f"replies = llm_query_batched({prompts})\n"
-        total = f"FINAL(sum(r.split().count({label!r}) for r in replies))"
+        lines += [f"ask = {TALLY_ASK!r}", "prompts = [ask + '\\n'.join(p) for p in parts]",
+                  "replies = [llm_query(p) for p in prompts]" if strategy == "sync"
+                  else "replies = llm_query_batched(prompts)",
+                  f"FINAL(sum(r.split().count({label!r}) for r in replies))"]
     else:
-        if strategy == "sync":
-            asking = f"replies = [rlm_query(query, p) for p in {parts}]\n"
-        else:
-            asking = f"replies = await asyncio.gather(*[rlm_query_async(query, p) for p in {parts}])\n"
-        total = "FINAL(sum(int(re.search(r'\\d+', r).group()) for r in replies))"
-    return code(rng, head + asking + total, ("tally", strategy))
+        lines += ["replies = [rlm_query(query, p) for p in parts]" if strategy == "sync"
+                  else "replies = await asyncio.gather(*[rlm_query_async(query, p) for p in parts])",
+                  "FINAL(sum(int(re.search(r'\\d+', r).group()) for r in replies))"]
+    return code(rng, "\n".join(lines))
 
 
 STRATEGIES["tally"] = TALLY_STRATEGIES
@@ -841,3 +836,7 @@ def label_drills(policy, n, seed=0):
         drills.append(Demonstration("tally", len(task.context), task.seed, "label", 1.0,
                                     Rollout(prompt, answer, [call], call.cost, len(reply_ids))))
     return drills
+
+
+if __name__ == "__main__":  # after every family is registered, tally included
+    main()
