@@ -40,7 +40,9 @@ skill (labelling notes) comes from the warm start; the GPU preset trains every c
 import argparse
 import asyncio
 import dataclasses
+import inspect
 import json
+import math
 import os
 
 # Idle torch threads sleep instead of spinning: spinning threads on a busy CPU slow everything down many times.
@@ -53,7 +55,8 @@ import time
 from eval import best_constant, evaluate, wilson
 from reward import RewardConfig
 from tasks import TOPIC_OF, cheap_answers, make_task, score, task_seed
-from teacher import TALLY_ASK, TALLY_PIECES, TALLY_PROMPT_CHARS
+from teacher import (TALLY_ASK, TALLY_NOTES, TALLY_ONE_LEVEL, TALLY_PIECES, TALLY_PROMPT_CHARS, TALLY_QUERY,
+                     TALLY_STRATEGIES, tally_turn)
 
 FAMILIES = ("tally", "niah", "multihop")  # the experiment's families, in the report's order
 LIMITS = dict(max_call_sub_calls=TALLY_PIECES, max_prompt_chars=TALLY_PROMPT_CHARS)  # why tally needs depth (see the docstring)
@@ -75,18 +78,18 @@ PRESETS = {
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=3,
                              tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
-                  seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5,
+                  seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
                             steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
-                 seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10,
+                 seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
                            warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-4, train_calls="all",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
-                seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30,
+                seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30, n_plans=50,
                 eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000, 6000), "multihop": (3000, 6000)}),
 }
 
@@ -146,6 +149,68 @@ def evaluate_adapter(adapter, preset, temperature, n, path, methods=("rlm",)):
     with open(path + ".tmp", "w") as f:
         for r in records:
             f.write(json.dumps({**r, "trace": r["trace"] and dataclasses.asdict(r["trace"])}, default=str) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def plan_prompts(policy, n, lengths):
+    """Where tally's code chooses between sub-calls one after another and all at once: the held-out
+    root prompts, and at lengths that need a second level the first child's prompt (the first part of
+    notes, as the teacher hands it down). -> [(level, length, prompt ids, sync reply ids, async reply ids)],
+    the replies the teacher's two strategies write there (teacher.tally_turn)."""
+    from rlm import RLM, system_prompt, user_prompt
+
+    preview = inspect.signature(RLM).parameters["preview_chars"].default  # what train.py's rollouts show
+    rows = []
+    for length in lengths:
+        for i in range(n):
+            task = make_task("tally", length, task_seed("eval", "tally", length, i))
+            label = next(g for g in TALLY_QUERY.search(task.query).groups() if g)
+            notes = task.context.splitlines()[1:]
+            calls = [("root", 0, task.context)]
+            if len(task.context) > TALLY_ONE_LEVEL:
+                calls.append(("child", 1, notes[:TALLY_NOTES * TALLY_PIECES]))
+            for level, depth, context in calls:
+                user = user_prompt(task.query, context, preview)
+                prompt = policy.chat_ids([{"role": "system", "content": system_prompt(
+                                              depth < ROLLOUTS["max_depth"], True, **LIMITS)},
+                                          {"role": "user", "content": user}])
+                replies = [policy.encode(tally_turn(label, user, [], s, random.Random(0))) for s in TALLY_STRATEGIES]
+                rows.append((level, length, prompt, *replies))
+    return rows
+
+
+def plan_preference(policy, rows, temperature):
+    """The policy's share of the concurrent plan at each choice of plan_prompts:
+    P_T(async reply) / (P_T(sync reply) + P_T(async reply)), each reply scored token by token as it
+    would be sampled at temperature T (top_p 1). The two replies differ only in the line that asks, so
+    this is the policy's odds at that choice, exactly, where sampling whole rollouts measures it with
+    the noise of a few dozen draws. -> [(level, length, share)]"""
+    import torch
+
+    out = []
+    for level, length, prompt, sync, concurrent in rows:
+        ids = [prompt + sync, prompt + concurrent]
+        width = max(map(len, ids))
+        ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+        attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x))
+                                for x in ids])
+        with torch.no_grad():
+            logp_sync, logp_async = policy.logprobs(ids_BT, attention_BT, loss_BT, temperature).sum(-1).tolist()
+        out.append((level, length, 1 / (1 + math.exp(logp_sync - logp_async))))
+    return out
+
+
+def measure_plans(adapter, preset, n, temperature, path):
+    """plan_preference of one adapter on n held-out tally tasks per length, written to path (JSON)."""
+    if os.path.exists(path):
+        return
+    from lora import load_policy
+
+    policy = load_policy(None, adapter=adapter)
+    shares = plan_preference(policy, plan_prompts(policy, n, preset["eval_lengths"]["tally"]), temperature)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"temperature": temperature, "shares": shares}, f)
     os.replace(path + ".tmp", path)
 
 
@@ -215,6 +280,10 @@ def load(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def load_json(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
 def fmt(x, ci, pct=False):
     if x != x:  # nan: nothing to show
         return "-"
@@ -243,6 +312,13 @@ def report(out_dir, preset):
             if total:
                 results[f"{decoding}/{label}/sub_model"] = {"right": right, "notes": total,
                                                             "ci": wilson(right, total)}
+    plan_lines = []
+    for label, runs in groups.items():
+        shares = [x for run in runs for x in (load_json(os.path.join(out_dir, "eval", f"{run}-plans.json")) or {}).get("shares", [])]
+        for level, length in sorted({(lv, ln) for lv, ln, _ in shares}, key=lambda k: (k[0] != "root", k[1])):
+            xs = [x for lv, ln, x in shares if (lv, ln) == (level, length)]
+            results[f"plans/{label}/{level}/{length}"] = {"n": len(xs), "share": mean(xs), "ci": bootstrap(xs, mean)}
+            plan_lines.append(f"| {label} | {level} | {length:,} | {len(xs)} | {fmt(mean(xs), bootstrap(xs, mean), True)} |")
     sub = [f"- {k}: {v['right']}/{v['notes']} notes labelled right ({v['right'] / v['notes']:.3f}, "
            f"{v['ci'][0]:.3f}-{v['ci'][1]:.3f})" for k, v in results.items() if k.endswith("sub_model")]
     direct = load(os.path.join(out_dir, "eval", "direct.jsonl"))
@@ -260,6 +336,10 @@ def report(out_dir, preset):
     text = "\n".join(["# Does RL learn to recurse? (recurse.py)", "",
                       "Held-out tasks; sampled at the RL temperature, and greedy; the arms pool their training seeds "
                       f"({', '.join(map(str, preset['seeds']))}). 95% intervals in brackets.", "", *lines, "",
+                      "The policy's share of the concurrent plan where tally's code chooses (plan_preference: "
+                      "the teacher's two replies scored at the RL temperature, held-out prompts; a bootstrap over "
+                      "prompts):", "", "| policy | call | length | n | concurrent plan |", "|" + " --- |" * 5,
+                      *plan_lines, "",
                       "Sub-model accuracy (plain completions labelling tally notes):", *sub, "",
                       "tally floor: the best constant (oracle), the cheap answers, and `direct` (base model, "
                       "context in the prompt, greedy):", "",
@@ -323,6 +403,8 @@ def main(argv=None):
                                              ("greedy", 0.0, preset["n_greedy"])):
                 print(f"  {run} {decoding}", flush=True)
                 evaluate_adapter(adapter, preset, temperature, n, os.path.join(out_dir, "eval", f"{run}-{decoding}.jsonl"))
+            measure_plans(adapter, preset, preset["n_plans"], flags["temperature"],
+                          os.path.join(out_dir, "eval", f"{run}-plans.json"))
         direct_preset = {**preset, "eval_lengths": {"tally": preset["eval_lengths"]["tally"]}}
         evaluate_adapter(None, direct_preset, 0.0, preset["n_direct"], os.path.join(out_dir, "eval", "direct.jsonl"),
                          methods=("direct",))

@@ -225,3 +225,39 @@ def test_every_run_of_the_experiment_passes_train_py_checks():
         cost, accuracy = runs[f"cost-s{seed}"], runs[f"accuracy-s{seed}"]
         assert {k for k in cost if cost[k] != accuracy[k]} == {"cost_weight", "latency_weight"}
         assert cost["warm_demos"] == 0 and "no-curriculum" in " ".join(recurse.as_flags(cost))
+
+
+# --- recurse.py: the policy's odds at tally's choice of plan
+
+def test_plan_prompts_hold_the_teachers_two_replies_which_differ_in_the_asking_line_alone(tiny_policy):
+    rows = recurse.plan_prompts(tiny_policy, 2, (1200, 6000))
+    assert [(level, length) for level, length, *_ in rows] == [("root", 1200)] * 2 + [("root", 6000), ("child", 6000)] * 2
+    for level, length, prompt, sync, concurrent in rows:
+        a, b = tiny_policy.decode(sync).splitlines(), tiny_policy.decode(concurrent).splitlines()
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and len(changed) == 1, (level, length)
+        assert "replies" in changed[0][0] and ("batched" in changed[0][1] or "gather" in changed[0][1])
+        # a second level hands rlm_query parts at the root; the child (and a short root) labels pieces
+        assert ("rlm_query" in changed[0][0]) == (level == "root" and length == 6000)
+
+
+def test_plan_preference_is_the_tempered_odds_of_the_two_replies(tiny_policy):
+    """Checked against a plain forward pass of each reply alone (no padding, no batch). Float32 logits of
+    the two paths differ by rounding (about 1e-5 a token here); the sums over about 110 reply tokens
+    then differ by well under 1e-2, and the share, a logistic of their difference (slope <= 1/4), by
+    under 5e-3."""
+    import torch
+
+    rows = recurse.plan_prompts(tiny_policy, 1, (3000,))
+    shares = recurse.plan_preference(tiny_policy, rows, temperature=0.7)
+    model = tiny_policy.model
+    for (level, length, prompt, *replies), (level2, length2, got) in zip(rows, shares):
+        assert (level, length) == (level2, length2)
+        sums = []
+        for reply in replies:
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + reply])).logits[0].float() / 0.7
+            logp = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(-1, torch.tensor(reply)[:, None])
+            sums.append(logp.sum().item())
+        assert got == pytest.approx(1 / (1 + math.exp(sums[0] - sums[1])), abs=5e-3)
+        assert 0 < got < 1
