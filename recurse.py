@@ -23,18 +23,22 @@ The steps, each skipped when its output is already there (so a stopped run goes 
   3. evaluation   every adapter on held-out tasks (the eval split, never trained on): sampled at
                   the RL temperature (seeded per task) and greedy; and `direct` (the base model with
                   the context in its prompt) on tally                      -> out_dir/eval/*.jsonl
+                  and each adapter's odds of the concurrent plan where tally's code chooses it
+                  (plan_preference: exact, where sampled rollouts give a few dozen draws)
+                                                                  -> out_dir/eval/*-plans.json
   4. report       out_dir/results.md: per family and length, accuracy, sub-calls per rollout, the
                   share of sub-calls run concurrently, the share of rollouts that used a second
                   level, the critical path and weighted tokens, each with a 95% interval (Wilson for
                   rates, a bootstrap over rollouts for means and pooled shares; the arms pool their
-                  training seeds); the sub-model's accuracy at labelling notes; the cheap answers'
-                  floor. out_dir/steps.png: the same quantities over RL steps, one line per run.
+                  training seeds); the plan preference; the sub-model's accuracy at labelling
+                  notes; the cheap answers' floor. out_dir/steps.png: the same quantities over RL steps, one line per run.
 
 Every rollout runs under per-call limits (rlm.RLM's max_call_sub_calls=4, max_prompt_chars=800),
 stated in the system prompt: one level of calls covers about 24 notes of tally, so its longer
-inputs need a child RLM per part. On CPU, RL trains the root's rows only (--train_calls root):
-the children's and plain completions' prompts are most of a step's tokens, and the sub-model's
-skill (labelling notes) comes from the warm start; the GPU preset trains every call.
+inputs need a child RLM per part. On CPU, RL trains the rows of the RLM calls, root and children
+(--train_calls rlm), whose code chooses how to call: the plain completions' prompts are most of a
+step's tokens, and the sub-model's skill (labelling notes) comes from the warm start's drills; the
+GPU preset trains every call.
 """
 
 import argparse
@@ -64,24 +68,27 @@ ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, 
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
 # The reward's budgets at the scale of these rollouts (a tally rollout's critical path is 130-710 tokens,
-# far below the 4,096 it may generate): a sync rollout at 6,000 characters pays 0.69 of the latency
-# weight, an async one 0.22, so the difference is worth 0.23 of a reward of 1, not 0.06.
-BUDGETS = dict(cost_budget=4096, latency_budget=1024)
+# far below the 4,096 it may generate; the latency budget is about a sync rollout's at 3,000 characters).
+# By the teacher's critical paths (README), a sync rollout at 3,000 and 6,000 characters then loses about
+# 0.39 and 0.5 of a reward of 1 to latency and an async one about 0.22 at both: concurrency is worth
+# about 0.17 and 0.28, where a latency budget of 1,024 made it 0.09 and 0.24.
+BUDGETS = dict(cost_budget=4096, latency_budget=512)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
               temperature=0.7, **ROLLOUTS, **BUDGETS)
-# RL samples at 0.7 so that the warm start's minority strategies come up in a group (a 20% strategy
-# at temperature 1 is about 12% at 0.7); lr 1e-3 because a CPU run has few steps. On CPU RL trains
-# the root's rows alone (train_calls root): children's and plain completions' prompts would be most
-# of each update (see the README's "Does RL learn to recurse?").
+# RL samples at 0.7 so that the warm start's minority strategies come up in a group; lr 1e-3 because
+# a CPU run has few steps. On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
+# write the code that chooses between sequential and concurrent sub-calls, while the plain completions'
+# rows (most of a step's tokens) teach labelling, which the warm start's drills teach for less (see the
+# README's "Does RL learn to recurse?").
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
-    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=3,
-                             tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
+    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=4,
+                             tasks_per_step=3, group_size=6, lr=1e-3, train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
-                            steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="root"),
+                            steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
