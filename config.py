@@ -28,12 +28,12 @@ from grpo import TRAIN_CALLS
 from teacher import HABITS, STRATEGIES
 
 # What a run writes in out_dir, all of which --overwrite deletes first (each also as .tmp and .old).
-RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint")
+RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adapter", "checkpoint", "steps")
 # What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
 # update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
 # loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
-CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "eval_n", "eval_lengths", "eval_wordings",
-                        "micro_batch_tokens", "gradient_checkpointing"}
+CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "keep_adapters", "eval_n",
+                        "eval_lengths", "eval_wordings", "micro_batch_tokens", "gradient_checkpointing"}
 
 
 

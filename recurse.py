@@ -85,18 +85,18 @@ PRESETS = {
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=4,
                              tasks_per_step=3, group_size=6, lr=1e-3, train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
-                  seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10,
+                  seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10, n_plans_steps=4,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
                             steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
-                 seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30,
+                 seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30, n_plans_steps=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
                            warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-4, train_calls="all",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
-                seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30, n_plans=50,
+                seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30, n_plans=50, n_plans_steps=20,
                 eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000, 6000), "multihop": (3000, 6000)}),
 }
 
@@ -111,7 +111,7 @@ def run_flags(preset):
     flags = {**COMMON, **preset["train"]}
     runs = {"warm-demos": {**flags, "steps": 0},
             "warm": {**flags, **preset["drills"], "steps": 0, "init_adapter": "{out_dir}/warm-demos/adapter"}}
-    rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter"}
+    rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter", "keep_adapters": True}
     for arm, weights in ARMS.items():
         for seed in preset["seeds"]:
             runs[f"{arm}-s{seed}"] = {**rl, **weights, "seed": seed}
@@ -360,6 +360,13 @@ def report(out_dir, preset):
     print(text)
 
 
+def kept_steps(run_dir):
+    """The RL steps whose adapters train.py kept (--keep_adapters), in order."""
+    folder = os.path.join(run_dir, "steps")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("step-") and n.split("-")[1].isdigit())
+
+
 def plot_steps(out_dir, runs):
     """The training rollouts' figures over RL steps, one line per run (train.py's metrics.jsonl)."""
     import matplotlib
@@ -370,7 +377,7 @@ def plot_steps(out_dir, runs):
     panels = [("accuracy", "accuracy"), ("sub-calls per rollout", "sub_calls"),
               ("share of sub-calls concurrent", "concurrent_share"), ("share with a second level", "second_level"),
               ("critical path (tokens)", "critical_path"), ("generated tokens", "generated_tokens")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 6.5))
     for ax, (title, key) in zip(axes.flat, panels):
         for run in runs:
             ms = [m for m in load(os.path.join(out_dir, run, "metrics.jsonl")) if m.get("phase") == "rl" and key in m]
@@ -381,6 +388,20 @@ def plot_steps(out_dir, runs):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
+    ax = axes.flat[len(panels)]  # held-out, not the training rollouts: the odds of the concurrent plan
+    warm = (load_json(os.path.join(out_dir, "eval", "warm-plans.json")) or {}).get("shares", [])
+    for run in runs:
+        points = [(0, mean([x for *_, x in warm]))] if warm else []
+        for step in kept_steps(os.path.join(out_dir, run)):
+            shares = (load_json(os.path.join(out_dir, "eval", f"{run}-step-{step}-plans.json")) or {}).get("shares")
+            if shares:
+                points.append((step, mean([x for *_, x in shares])))
+        if points:
+            ax.plot(*zip(*points), marker=".", linestyle="-" if run.startswith("cost") else "--", label=run)
+    ax.set_title("concurrent plan's odds, held-out prompts", fontsize=10)
+    ax.set_xlabel("RL step (0: the warm start)")
+    ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "steps.png"), dpi=90)
@@ -404,14 +425,18 @@ def main(argv=None):
                                                 for k, v in run.items()})
         print("3. evaluation on held-out tasks", flush=True)
         runs = ["warm"] + [f"{arm}-s{s}" for arm in ARMS for s in preset["seeds"]]
+        for run in runs:  # first what is cheap and exact: each adapter's odds of the concurrent plan
+            measure_plans(os.path.join(out_dir, run, "adapter"), preset, preset["n_plans"], flags["temperature"],
+                          os.path.join(out_dir, "eval", f"{run}-plans.json"))
+            for step in kept_steps(os.path.join(out_dir, run)):  # the figure's plan preference over RL steps
+                measure_plans(os.path.join(out_dir, run, "steps", f"step-{step}"), preset, preset["n_plans_steps"],
+                              flags["temperature"], os.path.join(out_dir, "eval", f"{run}-step-{step}-plans.json"))
         for run in runs:
-            adapter = os.path.join(out_dir, run, "adapter")
             for decoding, temperature, n in (("sampled", flags["temperature"], preset["n_sampled"]),
                                              ("greedy", 0.0, preset["n_greedy"])):
                 print(f"  {run} {decoding}", flush=True)
-                evaluate_adapter(adapter, preset, temperature, n, os.path.join(out_dir, "eval", f"{run}-{decoding}.jsonl"))
-            measure_plans(adapter, preset, preset["n_plans"], flags["temperature"],
-                          os.path.join(out_dir, "eval", f"{run}-plans.json"))
+                evaluate_adapter(os.path.join(out_dir, run, "adapter"), preset, temperature, n,
+                                 os.path.join(out_dir, "eval", f"{run}-{decoding}.jsonl"))
         direct_preset = {**preset, "eval_lengths": {"tally": preset["eval_lengths"]["tally"]}}
         evaluate_adapter(None, direct_preset, 0.0, preset["n_direct"], os.path.join(out_dir, "eval", "direct.jsonl"),
                          methods=("direct",))

@@ -123,6 +123,7 @@ lora_rank = 16
 lora_alpha = 32
 # bookkeeping
 checkpoint_every = 4  # steps (warm start and RL) between checkpoints, and one at the end (0 = only that one)
+keep_adapters = False  # also keep each checkpoint's adapter, in out_dir/steps/step-N (to compare steps)
 eval_every = 2  # RL steps between curriculum evaluations (0 = none; before and after always run)
 eval_n = 4  # held-out tasks per family and length in an evaluation (0 = no evaluation)
 eval_lengths = "32000"  # lengths of the before/after evaluation
@@ -280,6 +281,9 @@ def run(argv, device):
         if dist.is_main():
             save_checkpoint(cfg["out_dir"], policy, optimizer, {"step": done, "evaluated": evaluated, "stage": stage,
                             "phase": phase, "warm_steps": len(warm), "config": cfg, "world_size": dist.world()})
+            if cfg["keep_adapters"]:
+                os.makedirs(os.path.join(cfg["out_dir"], "steps"), exist_ok=True)
+                write_whole(os.path.join(cfg["out_dir"], "steps", f"step-{done}"), policy.save_adapter)
 
     try:
         if evaluated < 0:

@@ -267,6 +267,17 @@ def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_
     assert state["step"] == 5 and state["config"]["steps"] == 3 and state["config"]["max_new_tokens"] == 160
 
 
+def test_keep_adapters_keeps_each_checkpoints_adapter_beside_the_last(whole_run, tmp_path):
+    out_dir = str(tmp_path / "kept")
+    shutil.copytree(whole_run, out_dir)
+    train.main(["--resume", "--out_dir", out_dir, "--steps", "3", "--keep_adapters"])
+    assert os.listdir(os.path.join(out_dir, "steps")) == ["step-5"]  # from the resume on: step 4 was not kept
+    kept = load_file(os.path.join(out_dir, "steps", "step-5", "adapter_model.safetensors"))
+    final = load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+    assert os.path.exists(os.path.join(out_dir, "steps", "step-5", "adapter_config.json"))  # loadable by PEFT
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--group_size", "1"], "group_size must be at least 2"),
     (["--max_generated_tokens", "0"], "max_generated_tokens must be at least 1"),
