@@ -31,7 +31,8 @@ The steps, each skipped when its output is already there (so a stopped run goes 
                   level, the critical path and weighted tokens, each with a 95% interval (Wilson for
                   rates, a bootstrap over rollouts for means and pooled shares; the arms pool their
                   training seeds); the plan preference; the sub-model's accuracy at labelling
-                  notes; the cheap answers' floor. out_dir/steps.png: the same quantities over RL steps, one line per run.
+                  notes; the cheap answers' floor. out_dir/steps.png: the same quantities over RL
+                  steps, one line per run, and the plan preference of each step's adapter.
 
 Every rollout runs under per-call limits (rlm.RLM's max_call_sub_calls=4, max_prompt_chars=800),
 stated in the system prompt: one level of calls covers about 24 notes of tally, so its longer
@@ -321,7 +322,8 @@ def report(out_dir, preset):
                                                             "ci": wilson(right, total)}
     plan_lines = []
     for label, runs in groups.items():
-        shares = [x for run in runs for x in (load_json(os.path.join(out_dir, "eval", f"{run}-plans.json")) or {}).get("shares", [])]
+        shares = [x for run in runs
+                  for x in (load_json(os.path.join(out_dir, "eval", f"{run}-plans.json")) or {}).get("shares", [])]
         for level, length in sorted({(lv, ln) for lv, ln, _ in shares}, key=lambda k: (k[0] != "root", k[1])):
             xs = [x for lv, ln, x in shares if (lv, ln) == (level, length)]
             results[f"plans/{label}/{level}/{length}"] = {"n": len(xs), "share": mean(xs), "ci": bootstrap(xs, mean)}
@@ -389,7 +391,7 @@ def plot_steps(out_dir, runs):
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     ax = axes.flat[len(panels)]  # held-out, not the training rollouts: the odds of the concurrent plan
-    warm = (load_json(os.path.join(out_dir, "eval", "warm-plans.json")) or {}).get("shares", [])
+    warm = (load_json(os.path.join(out_dir, "eval", "warm-step-0-plans.json")) or {}).get("shares", [])
     for run in runs:
         points = [(0, mean([x for *_, x in warm]))] if warm else []
         for step in kept_steps(os.path.join(out_dir, run)):
@@ -425,6 +427,8 @@ def main(argv=None):
                                                 for k, v in run.items()})
         print("3. evaluation on held-out tasks", flush=True)
         runs = ["warm"] + [f"{arm}-s{s}" for arm in ARMS for s in preset["seeds"]]
+        measure_plans(os.path.join(out_dir, "warm", "adapter"), preset, preset["n_plans_steps"], flags["temperature"],
+                      os.path.join(out_dir, "eval", "warm-step-0-plans.json"))  # the figure's step 0, same prompts
         for run in runs:  # first what is cheap and exact: each adapter's odds of the concurrent plan
             measure_plans(os.path.join(out_dir, run, "adapter"), preset, preset["n_plans"], flags["temperature"],
                           os.path.join(out_dir, "eval", f"{run}-plans.json"))
