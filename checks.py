@@ -135,13 +135,16 @@ def writable(path, what, inputs=()):
         raise InputError(f"{what} {path} cannot be written ({e.strerror}); choose another path") from None
 
 
+WRITE_PROBE = ".write-test-"  # writable_folder's probe file, one per process; what to ignore in a listing
+
+
 def writable_folder(path, what):
     """Refuse a folder that cannot be made or written in (a file in its place, no permission)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{what} {path} is a file, not a folder; choose another {what}")
     # One probe per process: under torchrun every rank checks the same folder at the same time, and
     # with one shared name a rank could remove the probe another had just made (ENOENT), failing it.
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    probe = os.path.join(path, f"{WRITE_PROBE}{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "w"):

@@ -21,7 +21,7 @@ import torch
 
 import dist
 from checkpoint import LOGS, load_checkpoint
-from checks import InputError, adapter_folder, at_least, between, positive, writable_folder
+from checks import WRITE_PROBE, InputError, adapter_folder, at_least, between, positive, writable_folder
 from reward import RewardConfig
 from tasks import FAMILIES, make_task
 from grpo import TRAIN_CALLS
@@ -172,7 +172,8 @@ def prepare_out_dir(cfg, resuming):
         writable_folder(out_dir, "--out_dir")
     except InputError as e:
         sys.exit(f"train.py: {e}")
-    present = sorted(os.listdir(out_dir))
+    # Another rank's writable_folder probe (under torchrun every rank checks at once) is not a run's output.
+    present = sorted(n for n in os.listdir(out_dir) if not n.startswith(WRITE_PROBE))
     if resuming or not present:
         return
     if not cfg["overwrite"]:

@@ -434,3 +434,13 @@ def test_a_valid_context_file_reads_as_before(tmp_path):
     path.write_bytes("line one\r\nline two\rcafé\n".encode())
     with open(path, encoding="utf-8", errors="replace") as f:  # how rlm.py read it before the checks
         assert checks.read_text(str(path), "--context") == (f.read(), 0)
+
+
+def test_another_ranks_write_probe_does_not_make_an_out_dir_look_taken(tmp_path):
+    """Under torchrun every rank probes --out_dir (checks.writable_folder) and then checks that it is
+    empty: a probe file another rank has made and not yet removed is not an earlier run's output."""
+    (tmp_path / f"{checks.WRITE_PROBE}12345").write_text("")
+    config.prepare_out_dir({"out_dir": str(tmp_path), "overwrite": False}, resuming=False)  # no SystemExit
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="is not empty \\(metrics.jsonl\\)"):
+        config.prepare_out_dir({"out_dir": str(tmp_path), "overwrite": False}, resuming=False)
