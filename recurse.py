@@ -81,6 +81,11 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # write the code that chooses between sequential and concurrent sub-calls, while the plain completions'
 # rows (most of a step's tokens) teach labelling, which the warm start's drills teach for less (see the
 # README's "Does RL learn to recurse?").
+# The warm start's last stage: the habit demonstrations again, every batch holding the habit mix
+# (train.py --warm_mix_batches). Shuffled batches left the concurrent plan at about 1% of the
+# policy's choices (0.3% at the RL temperature; README), far below the 20% it was shown, because
+# runs of majority-only batches pushed it down; RL cannot reinforce what it never samples.
+MIX = dict(warm_drills=0, warm_epochs=2, warm_batch=5, warm_lr=5e-4, warm_mix_batches=True)
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=4,
@@ -111,7 +116,8 @@ def run_flags(preset):
     """The train.py flags of each run of the experiment: {run name: flags}, in the order they run."""
     flags = {**COMMON, **preset["train"]}
     runs = {"warm-demos": {**flags, "steps": 0},
-            "warm": {**flags, **preset["drills"], "steps": 0, "init_adapter": "{out_dir}/warm-demos/adapter"}}
+            "warm-drills": {**flags, **preset["drills"], "steps": 0, "init_adapter": "{out_dir}/warm-demos/adapter"},
+            "warm": {**flags, **MIX, "steps": 0, "init_adapter": "{out_dir}/warm-drills/adapter"}}
     rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter", "keep_adapters": True}
     for arm, weights in ARMS.items():
         for seed in preset["seeds"]:

@@ -82,6 +82,7 @@ warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_drills = 0  # with tally: extra one-call demonstrations of its sub-model's job (teacher.label_drills)
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
+warm_mix_batches = False  # spread each strategy evenly over an epoch's batches (see warm_start_batches)
 warm_lr = 1e-3  # AdamW learning rate of the warm start
 # RL
 steps = 1  # RL optimizer steps, after the warm start (0 = warm start only)
@@ -165,8 +166,20 @@ def warm_start_batches(policy, cfg):
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
     if "tally" in families:  # the same on every rank: made from the seed alone, and cheap
         demos += label_drills(policy, cfg["warm_drills"], seed=cfg["seed"])
-    order = [i for epoch in range(cfg["warm_epochs"])
-             for i in random.Random(f"{cfg['seed']}-warm-{epoch}").sample(range(len(demos)), len(demos))]
+    order = []
+    for epoch in range(cfg["warm_epochs"]):
+        rng = random.Random(f"{cfg['seed']}-warm-{epoch}")
+        shuffled = rng.sample(range(len(demos)), len(demos))
+        if cfg["warm_mix_batches"]:
+            # Each strategy's k-th of n demonstrations goes to (k + 1/2) / n of the epoch: every batch
+            # then holds about the mix of the whole (a 20% strategy, one in five), and no run of batches
+            # holds the majority alone, whose updates would push a minority strategy far below its share.
+            rank = {}
+            for i in shuffled:
+                rank[i] = sum(demos[j].strategy == demos[i].strategy for j in rank)
+            size = {name: sum(d.strategy == name for d in demos) for name in {d.strategy for d in demos}}
+            shuffled.sort(key=lambda i: ((rank[i] + 0.5) / size[demos[i].strategy], rng.random()))
+        order += shuffled
     return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]
 
 

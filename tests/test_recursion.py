@@ -218,7 +218,7 @@ def test_every_run_of_the_experiment_passes_train_py_checks():
 
     for name, preset in recurse.PRESETS.items():
         runs = recurse.run_flags(preset)
-        assert list(runs)[:2] == ["warm-demos", "warm"] and len(runs) == 2 + len(recurse.ARMS) * len(preset["seeds"])
+        assert list(runs)[:3] == ["warm-demos", "warm-drills", "warm"] and len(runs) == 3 + len(recurse.ARMS) * len(preset["seeds"])
         for flags in runs.values():
             config.check_config(train.parse_config(recurse.as_flags(flags)))
         seed = preset["seeds"][0]
