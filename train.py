@@ -148,6 +148,25 @@ def rlm_settings(cfg):
                                 "max_call_sub_calls", "max_prompt_chars")}
 
 
+def warm_order(strategies, epochs, seed, mix_batches=False):
+    """The demonstrations' indices in the warm start's order (strategies: each one's (family, strategy)):
+    each epoch a permutation, shuffled from the seed. mix_batches: each strategy's k-th of n demonstrations goes to (k + 1/2) / n of the
+    epoch, so every batch holds about the mix of the whole (a 20% strategy, one in five) and no run
+    of batches holds the majority alone, whose updates push a minority far below its share."""
+    order = []
+    for epoch in range(epochs):
+        rng = random.Random(f"{seed}-warm-{epoch}")
+        shuffled = rng.sample(range(len(strategies)), len(strategies))
+        if mix_batches:
+            seen, rank = {}, {}
+            for i in shuffled:
+                rank[i] = seen.get(strategies[i], 0)
+                seen[strategies[i]] = rank[i] + 1
+            shuffled.sort(key=lambda i: ((rank[i] + 0.5) / seen[strategies[i]], rng.random()))
+        order += shuffled
+    return order
+
+
 def warm_start_batches(policy, cfg):
     """The teacher's demonstrations, shuffled per epoch and cut into the warm start's steps.
     A function of the config alone, so a resumed run makes the same batches again."""
@@ -166,20 +185,7 @@ def warm_start_batches(policy, cfg):
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
     if "tally" in families:  # the same on every rank: made from the seed alone, and cheap
         demos += label_drills(policy, cfg["warm_drills"], seed=cfg["seed"])
-    order = []
-    for epoch in range(cfg["warm_epochs"]):
-        rng = random.Random(f"{cfg['seed']}-warm-{epoch}")
-        shuffled = rng.sample(range(len(demos)), len(demos))
-        if cfg["warm_mix_batches"]:
-            # Each strategy's k-th of n demonstrations goes to (k + 1/2) / n of the epoch: every batch
-            # then holds about the mix of the whole (a 20% strategy, one in five), and no run of batches
-            # holds the majority alone, whose updates would push a minority strategy far below its share.
-            rank = {}
-            for i in shuffled:
-                rank[i] = sum(demos[j].strategy == demos[i].strategy for j in rank)
-            size = {name: sum(d.strategy == name for d in demos) for name in {d.strategy for d in demos}}
-            shuffled.sort(key=lambda i: ((rank[i] + 0.5) / size[demos[i].strategy], rng.random()))
-        order += shuffled
+    order = warm_order([(d.family, d.strategy) for d in demos], cfg["warm_epochs"], cfg["seed"], cfg["warm_mix_batches"])
     return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]
 
 

@@ -267,6 +267,20 @@ def test_resume_accepts_more_steps_and_flags_that_repeat_the_saved_values(whole_
     assert state["step"] == 5 and state["config"]["steps"] == 3 and state["config"]["max_new_tokens"] == 160
 
 
+def test_mixed_warm_batches_hold_the_habit_mix_and_the_default_order_is_the_plain_shuffle():
+    import random
+
+    strategies = [("tally", "sync")] * 16 + [("tally", "async")] * 4
+    order = train.warm_order(strategies, epochs=2, seed=7, mix_batches=True)
+    for epoch in (order[:20], order[20:]):
+        assert sorted(epoch) == list(range(20))  # each epoch shows every demonstration once
+        for k in range(0, 20, 5):  # batches of 5: one of the 4 async demonstrations in each
+            assert sum(strategies[i][1] == "async" for i in epoch[k:k + 5]) == 1
+    assert order[:20] != order[20:]  # still shuffled, epoch by epoch
+    plain = train.warm_order(strategies, epochs=2, seed=7)
+    assert plain == [i for e in range(2) for i in random.Random(f"7-warm-{e}").sample(range(20), 20)]
+
+
 def test_keep_adapters_keeps_each_checkpoints_adapter_beside_the_last(whole_run, tmp_path):
     out_dir = str(tmp_path / "kept")
     shutil.copytree(whole_run, out_dir)
