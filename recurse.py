@@ -16,7 +16,9 @@ The steps, each skipped when its output is already there (so a stopped run goes 
                   then, from that adapter, one more epoch of the same demonstrations mixed with
                   --warm_drills: one-call demonstrations of the tally sub-model's job (label the
                   notes of a prompt), cheap rows. Drills alone made the root forget its code.
-                                                                            -> out_dir/warm
+                                                                     -> out_dir/warm-drills
+                  then the habit demonstrations alone again, every batch holding the habit mix
+                  (MIX, --warm_mix_batches)                                 -> out_dir/warm
   2. RL arms      train.py --init_adapter out_dir/warm/adapter for each arm and training seed:
                   "cost" (the reward's cost and latency weights, ARMS) and "accuracy" (both 0)
                                                                             -> out_dir/<arm>-s<seed>
