@@ -62,11 +62,11 @@ import time
 from eval import best_constant, evaluate, wilson
 from reward import RewardConfig
 from tasks import TOPIC_OF, cheap_answers, make_task, score, task_seed
-from teacher import (TALLY_ASK, TALLY_NOTES, TALLY_ONE_LEVEL, TALLY_PIECES, TALLY_PROMPT_CHARS, TALLY_QUERY,
-                     TALLY_STRATEGIES, tally_turn)
+from teacher import (TALLY_ASK, TALLY_LIMITS, TALLY_NOTES, TALLY_ONE_LEVEL, TALLY_PIECES, TALLY_QUERY,
+                     TALLY_STRATEGIES, first_group, tally_turn)
 
 FAMILIES = ("tally", "niah", "multihop")  # the experiment's families, in the report's order
-LIMITS = dict(max_call_sub_calls=TALLY_PIECES, max_prompt_chars=TALLY_PROMPT_CHARS)  # why tally needs depth (see the docstring)
+LIMITS = TALLY_LIMITS  # why tally needs depth (see the docstring)
 ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
@@ -180,7 +180,7 @@ def plan_prompts(policy, n, lengths):
     for length in lengths:
         for i in range(n):
             task = make_task("tally", length, task_seed("eval", "tally", length, i))
-            label = next(g for g in TALLY_QUERY.search(task.query).groups() if g)
+            label = first_group(TALLY_QUERY.search(task.query))
             notes = task.context.splitlines()[1:]
             calls = [("root", 0, task.context)]
             if len(task.context) > TALLY_ONE_LEVEL:
@@ -334,8 +334,9 @@ def report(out_dir, preset):
                   for x in (load_json(os.path.join(out_dir, "eval", f"{run}-plans.json")) or {}).get("shares", [])]
         for level, length in sorted({(lv, ln) for lv, ln, _ in shares}, key=lambda k: (k[0] != "root", k[1])):
             xs = [x for lv, ln, x in shares if (lv, ln) == (level, length)]
-            results[f"plans/{label}/{level}/{length}"] = {"n": len(xs), "share": mean(xs), "ci": bootstrap(xs, mean)}
-            plan_lines.append(f"| {label} | {level} | {length:,} | {len(xs)} | {fmt(mean(xs), bootstrap(xs, mean), True)} |")
+            ci = bootstrap(xs, mean)
+            results[f"plans/{label}/{level}/{length}"] = {"n": len(xs), "share": mean(xs), "ci": ci}
+            plan_lines.append(f"| {label} | {level} | {length:,} | {len(xs)} | {fmt(mean(xs), ci, True)} |")
     sub = [f"- {k}: {v['right']}/{v['notes']} notes labelled right ({v['right'] / v['notes']:.3f}, "
            f"{v['ci'][0]:.3f}-{v['ci'][1]:.3f})" for k, v in results.items() if k.endswith("sub_model")]
     direct = load(os.path.join(out_dir, "eval", "direct.jsonl"))

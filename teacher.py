@@ -612,9 +612,10 @@ def main(argv=None):
         sys.exit(f"teacher.py: --length: {e}")
     policy = ChatTokens(load_tokenizer())  # the teacher writes every reply: no model runs, none loads
     settings = default_budgets()
-    if args.family == "tally":  # its strategies plan around per-call limits (recurse.py's)
-        settings.update(max_sub_calls=24, max_depth=2, max_call_sub_calls=TALLY_PIECES,
-                        max_prompt_chars=TALLY_PROMPT_CHARS)
+    if args.family == "tally":  # its strategies plan around per-call limits: recurse.py's rollouts
+        from recurse import ROLLOUTS
+
+        settings.update(ROLLOUTS)
     demo = asyncio.run(demonstrate(policy, task, args.strategy, settings, args.seed))
     print(format_rollout(demo.rollout, max_chars=2000))
     print(f"correctness: {demo.correctness}")
@@ -760,6 +761,7 @@ TALLY_ASK = "Give the topic of each note, one per line.\n"  # a piece's llm_quer
 TALLY_NOTES = 6        # notes per llm_query: 6 of the longest note and TALLY_ASK fit in 800 characters
 TALLY_PIECES = 4       # sub-calls per call (the experiment's max_call_sub_calls)
 TALLY_PROMPT_CHARS = 800  # characters per llm_query prompt (the experiment's max_prompt_chars)
+TALLY_LIMITS = dict(max_call_sub_calls=TALLY_PIECES, max_prompt_chars=TALLY_PROMPT_CHARS)  # rlm.RLM's per-call limits
 TALLY_ONE_LEVEL = 1600  # characters of a str context below which one level surely covers it (24 notes)
 SIZE = re.compile(r"The context is a (\w+) of ([\d,]+) (characters|items)")
 

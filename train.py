@@ -82,7 +82,7 @@ warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_drills = 0  # with tally: extra one-call demonstrations of its sub-model's job (teacher.label_drills)
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
-warm_mix_batches = False  # spread each strategy evenly over an epoch's batches (see warm_start_batches)
+warm_mix_batches = False  # spread each strategy evenly over an epoch's batches (see warm_order)
 warm_lr = 1e-3  # AdamW learning rate of the warm start
 # RL
 steps = 1  # RL optimizer steps, after the warm start (0 = warm start only)
@@ -149,10 +149,11 @@ def rlm_settings(cfg):
 
 
 def warm_order(strategies, epochs, seed, mix_batches=False):
-    """The demonstrations' indices in the warm start's order (strategies: each one's (family, strategy)):
-    each epoch a permutation, shuffled from the seed. mix_batches: each strategy's k-th of n demonstrations goes to (k + 1/2) / n of the
-    epoch, so every batch holds about the mix of the whole (a 20% strategy, one in five) and no run
-    of batches holds the majority alone, whose updates push a minority far below its share."""
+    """The demonstrations' indices in the warm start's order (strategies: each one's (family,
+    strategy)): each epoch a permutation, shuffled from the seed. mix_batches: each strategy's k-th
+    of n demonstrations goes to (k + 1/2) / n of the epoch, so every batch holds about the mix of
+    the whole (a 20% strategy, one in five) and no run of batches holds the majority alone, whose
+    updates push a minority far below its share."""
     order = []
     for epoch in range(epochs):
         rng = random.Random(f"{seed}-warm-{epoch}")
@@ -185,7 +186,8 @@ def warm_start_batches(policy, cfg):
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
     if "tally" in families:  # the same on every rank: made from the seed alone, and cheap
         demos += label_drills(policy, cfg["warm_drills"], seed=cfg["seed"])
-    order = warm_order([(d.family, d.strategy) for d in demos], cfg["warm_epochs"], cfg["seed"], cfg["warm_mix_batches"])
+    order = warm_order([(d.family, d.strategy) for d in demos], cfg["warm_epochs"], cfg["seed"],
+                       cfg["warm_mix_batches"])
     return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]
 
 

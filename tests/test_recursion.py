@@ -261,3 +261,12 @@ def test_plan_preference_is_the_tempered_odds_of_the_two_replies(tiny_policy):
             sums.append(logp.sum().item())
         assert got == pytest.approx(1 / (1 + math.exp(sums[0] - sums[1])), abs=5e-3)
         assert 0 < got < 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES["tally"])
+def test_teacher_py_prints_a_solved_tally_demonstration_under_the_experiments_rollouts(strategy, capsys):
+    import teacher
+
+    teacher.main(["--family", "tally", "--strategy", strategy, "--length", "6000"])
+    out = capsys.readouterr().out
+    assert "correctness: 1.0" in out and "depth=2" in out
