@@ -200,7 +200,9 @@ def plan_preference(policy, rows, temperature):
     P_T(async reply) / (P_T(sync reply) + P_T(async reply)), each reply scored token by token as it
     would be sampled at temperature T (top_p 1). The two replies differ only in the line that asks, so
     this is the policy's odds at that choice, exactly, where sampling whole rollouts measures it with
-    the noise of a few dozen draws. -> [(level, length, share)]"""
+    the noise of a few dozen draws. The odds say nothing of whether the policy writes either program:
+    the mass, P_T(sync reply) + P_T(async reply), does (1: it writes one of the two, token for token;
+    near 0: it writes something else, whose plan the odds do not see). -> [(level, length, share, mass)]"""
     import torch
 
     out = []
@@ -213,20 +215,55 @@ def plan_preference(policy, rows, temperature):
                                 for x in ids])
         with torch.no_grad():
             logp_sync, logp_async = policy.logprobs(ids_BT, attention_BT, loss_BT, temperature).sum(-1).tolist()
-        out.append((level, length, 1 / (1 + math.exp(logp_sync - logp_async))))
+        out.append((level, length, 1 / (1 + math.exp(logp_sync - logp_async)),
+                    math.exp(logp_sync) + math.exp(logp_async)))
     return out
 
 
+def label_pieces(n):
+    """n held-out pieces of the tally sub-model's job, as the teacher's code asks for them: (the
+    llm_query prompt: TALLY_ASK and TALLY_NOTES notes, the task's label, the notes' true topics).
+    Eval-split tasks of 3,000 characters, one piece each, from a different place in each."""
+    pieces = []
+    for i in range(n):
+        task = make_task("tally", 3000, task_seed("eval", "tally", 3000, i))
+        notes = task.context.splitlines()[1:]
+        start = TALLY_NOTES * (i % (len(notes) // TALLY_NOTES))
+        piece = notes[start:start + TALLY_NOTES]
+        pieces.append((TALLY_ASK + "\n".join(piece), first_group(TALLY_QUERY.search(task.query)),
+                       [TOPIC_OF[note] for note in piece]))
+    return pieces
+
+
+def label_skill(policy, pieces, temperature, seed=0):
+    """The sub-model's own accuracy on label_pieces, sampled at temperature (each piece with its own
+    seed, so the figure does not depend on batching): notes labelled right in place, and pieces whose
+    count of the task's label is right, which is what the root's code adds up (an exact tally needs
+    every piece right). -> {notes, notes_right, pieces, pieces_right}"""
+    prompts = [policy.chat_ids([{"role": "user", "content": prompt}]) for prompt, _, _ in pieces]
+    samples = policy.sample(prompts, max_new_tokens=8 * TALLY_NOTES, temperature=temperature,
+                            seeds=[seed + i for i in range(len(pieces))])
+    notes = notes_right = pieces_right = 0
+    for sample, (_, label, topics) in zip(samples, pieces):
+        labels = policy.decode(sample.token_ids).split()
+        notes += len(topics)
+        notes_right += sum(i < len(labels) and labels[i] == t for i, t in enumerate(topics))
+        pieces_right += labels.count(label) == topics.count(label)
+    return {"notes": notes, "notes_right": notes_right, "pieces": len(pieces), "pieces_right": pieces_right}
+
+
 def measure_plans(adapter, preset, n, temperature, path):
-    """plan_preference of one adapter on n held-out tally tasks per length, written to path (JSON)."""
+    """plan_preference of one adapter on n held-out tally tasks per length, and its label_skill on
+    3 n held-out pieces, written to path (JSON)."""
     if os.path.exists(path):
         return
     from lora import load_policy
 
     policy = load_policy(None, adapter=adapter)
     shares = plan_preference(policy, plan_prompts(policy, n, preset["eval_lengths"]["tally"]), temperature)
+    labels = label_skill(policy, label_pieces(3 * n), temperature)
     with open(path + ".tmp", "w") as f:
-        json.dump({"temperature": temperature, "shares": shares}, f)
+        json.dump({"temperature": temperature, "shares": shares, "labels": labels}, f)
     os.replace(path + ".tmp", path)
 
 
@@ -328,15 +365,29 @@ def report(out_dir, preset):
             if total:
                 results[f"{decoding}/{label}/sub_model"] = {"right": right, "notes": total,
                                                             "ci": wilson(right, total)}
-    plan_lines = []
+    plan_lines, label_lines = [], []
     for label, runs in groups.items():
-        shares = [x for run in runs
-                  for x in (load_json(os.path.join(out_dir, "eval", f"{run}-plans.json")) or {}).get("shares", [])]
-        for level, length in sorted({(lv, ln) for lv, ln, _ in shares}, key=lambda k: (k[0] != "root", k[1])):
-            xs = [x for lv, ln, x in shares if (lv, ln) == (level, length)]
+        plans = [load_json(os.path.join(out_dir, "eval", f"{run}-plans.json")) or {} for run in runs]
+        shares = [x for p in plans for x in p.get("shares", [])]  # (level, length, share[, mass])
+        for level, length in sorted({(x[0], x[1]) for x in shares}, key=lambda k: (k[0] != "root", k[1])):
+            cells = [x[2:] for x in shares if (x[0], x[1]) == (level, length)]
+            xs, masses = [c[0] for c in cells], [c[1] for c in cells if len(c) > 1]
             ci = bootstrap(xs, mean)
             results[f"plans/{label}/{level}/{length}"] = {"n": len(xs), "share": mean(xs), "ci": ci}
-            plan_lines.append(f"| {label} | {level} | {length:,} | {len(xs)} | {fmt(mean(xs), ci, True)} |")
+            mass = "-"
+            if masses:  # measured since the mass was added
+                results[f"plans/{label}/{level}/{length}"].update(mass=mean(masses), mass_ci=bootstrap(masses, mean))
+                mass = fmt(mean(masses), bootstrap(masses, mean), True)
+            plan_lines.append(f"| {label} | {level} | {length:,} | {len(xs)} | {fmt(mean(xs), ci, True)} | {mass} |")
+        skills = [p["labels"] for p in plans if "labels" in p]
+        if skills:
+            k = {key: sum(s[key] for s in skills) for key in skills[0]}
+            results[f"labels/{label}"] = {**k, "notes_ci": wilson(k["notes_right"], k["notes"]),
+                                          "pieces_ci": wilson(k["pieces_right"], k["pieces"])}
+            label_lines.append(f"- {label}: {k['notes_right']}/{k['notes']} notes labelled right "
+                               f"({fmt(k['notes_right'] / k['notes'], wilson(k['notes_right'], k['notes']), True)}); "
+                               f"{k['pieces_right']}/{k['pieces']} pieces with the label's count right "
+                               f"({fmt(k['pieces_right'] / k['pieces'], wilson(k['pieces_right'], k['pieces']), True)})")
     sub = [f"- {k}: {v['right']}/{v['notes']} notes labelled right ({v['right'] / v['notes']:.3f}, "
            f"{v['ci'][0]:.3f}-{v['ci'][1]:.3f})" for k, v in results.items() if k.endswith("sub_model")]
     direct = load(os.path.join(out_dir, "eval", "direct.jsonl"))
@@ -356,9 +407,12 @@ def report(out_dir, preset):
                       f"({', '.join(map(str, preset['seeds']))}). 95% intervals in brackets.", "", *lines, "",
                       "The policy's share of the concurrent plan where tally's code chooses (plan_preference: "
                       "the teacher's two replies scored at the RL temperature, held-out prompts; a bootstrap over "
-                      "prompts):", "", "| policy | call | length | n | concurrent plan |", "|" + " --- |" * 5,
-                      *plan_lines, "",
-                      "Sub-model accuracy (plain completions labelling tally notes):", *sub, "",
+                      "prompts), and the mass, the chance that the policy writes one of the two programs token "
+                      "for token:", "", "| policy | call | length | n | concurrent plan | mass on the two |",
+                      "|" + " --- |" * 6, *plan_lines, "",
+                      "Sub-model accuracy (plain completions labelling tally notes) in the held-out rollouts:", *sub,
+                      "", "and on held-out pieces of 6 notes alone (label_skill, at the RL temperature):",
+                      *label_lines, "",
                       "tally floor: the best constant (oracle), the cheap answers, and `direct` (base model, "
                       "context in the prompt, greedy):", "",
                       "| length | n | best constant | " + " | ".join(names) + " | direct |",
@@ -402,17 +456,27 @@ def plot_steps(out_dir, runs):
     ax = axes.flat[len(panels)]  # held-out, not the training rollouts: the odds of the concurrent plan
     warm = (load_json(os.path.join(out_dir, "eval", "warm-step-0-plans.json")) or {}).get("shares", [])
     for run in runs:
-        points = [(0, mean([x for *_, x in warm]))] if warm else []
+        points = [(0, mean([x[2] for x in warm]))] if warm else []
         for step in kept_steps(os.path.join(out_dir, run)):
             shares = (load_json(os.path.join(out_dir, "eval", f"{run}-step-{step}-plans.json")) or {}).get("shares")
             if shares:
-                points.append((step, mean([x for *_, x in shares])))
+                points.append((step, mean([x[2] for x in shares])))
         if points:
             ax.plot(*zip(*points), marker=".", linestyle="-" if run.startswith("cost") else "--", label=run)
     ax.set_title("concurrent plan's odds, held-out prompts", fontsize=10)
     ax.set_xlabel("RL step (0: the warm start)")
     ax.grid(alpha=0.3)
-    axes.flat[-1].axis("off")
+    ax = axes.flat[-1]  # held-out too: the sub-model's skill, which RL on the RLM rows may wear away
+    paths = {run: [(0, "warm-step-0")] + [(s, f"{run}-step-{s}") for s in kept_steps(os.path.join(out_dir, run))]
+             for run in runs}
+    for run, steps in paths.items():
+        points = [(step, p["labels"]["pieces_right"] / p["labels"]["pieces"]) for step, name in steps
+                  if "labels" in (p := load_json(os.path.join(out_dir, "eval", f"{name}-plans.json")) or {})]
+        if points:
+            ax.plot(*zip(*points), marker=".", linestyle="-" if run.startswith("cost") else "--", label=run)
+    ax.set_title("pieces labelled right (label count), held-out", fontsize=10)
+    ax.set_xlabel("RL step (0: the warm start)")
+    ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "steps.png"), dpi=90)

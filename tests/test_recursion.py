@@ -10,7 +10,7 @@ import recurse
 from eval import strategy_profile
 from grpo import build_rows
 from rlm import RLM, Batcher, system_prompt
-from scripted import ScriptedPolicy, parse, repl_block
+from scripted import ScriptedPolicy, ScriptedSample, parse, repl_block
 from tasks import AGGREGATE_LABELS, TOPIC_OF, cheap_answers, make_task, score, task_seed
 from teacher import (HABITS, STRATEGIES, TALLY_ASK, demonstrate, habit_counts, label_drills as make_drills,
                      make_demonstrations, read_answer)
@@ -251,7 +251,7 @@ def test_plan_preference_is_the_tempered_odds_of_the_two_replies(tiny_policy):
     rows = recurse.plan_prompts(tiny_policy, 1, (3000,))
     shares = recurse.plan_preference(tiny_policy, rows, temperature=0.7)
     model = tiny_policy.model
-    for (level, length, prompt, *replies), (level2, length2, got) in zip(rows, shares):
+    for (level, length, prompt, *replies), (level2, length2, *got) in zip(rows, shares):
         assert (level, length) == (level2, length2)
         sums = []
         for reply in replies:
@@ -259,8 +259,79 @@ def test_plan_preference_is_the_tempered_odds_of_the_two_replies(tiny_policy):
                 logits = model(torch.tensor([prompt + reply])).logits[0].float() / 0.7
             logp = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(-1, torch.tensor(reply)[:, None])
             sums.append(logp.sum().item())
-        assert got == pytest.approx(1 / (1 + math.exp(sums[0] - sums[1])), abs=5e-3)
-        assert 0 < got < 1
+        assert got[0] == pytest.approx(1 / (1 + math.exp(sums[0] - sums[1])), abs=5e-3)
+        assert 0 < got[0] < 1
+
+
+class FixedReplyOdds:
+    """A stand-in policy whose every reply token has a set log-prob: each reply's probability is then
+    known exactly (a reply of k tokens at log-prob l has probability exp(k l))."""
+
+    def __init__(self, per_token):
+        self.per_token = per_token  # [log-prob of a sync reply's tokens, of a concurrent reply's]
+
+    def logprobs(self, ids_BT, attention_BT, loss_BT, temperature):
+        import torch
+
+        return loss_BT.float() * torch.tensor(self.per_token)[:, None]
+
+
+def test_plan_preference_gives_the_mass_the_policy_puts_on_the_two_programs():
+    """The odds alone cannot tell a policy that writes neither program from one that writes them: the
+    mass can. Sync reply 0.6 (2 tokens of log 0.6^0.5), concurrent 0.2: share 0.25, mass 0.8."""
+    rows = [("root", 3000, [1, 2, 3], [7, 8], [7, 9])]
+    [(level, length, share, mass)] = recurse.plan_preference(
+        FixedReplyOdds([math.log(0.6) / 2, math.log(0.2) / 2]), rows, temperature=0.7)
+    assert (level, length) == ("root", 3000)
+    assert share == pytest.approx(0.25, rel=1e-6) and mass == pytest.approx(0.8, rel=1e-6)
+    # a policy that puts almost nothing on either has the same odds and next to no mass
+    [(_, _, share, mass)] = recurse.plan_preference(
+        FixedReplyOdds([math.log(0.6e-6) / 2, math.log(0.2e-6) / 2]), rows, temperature=0.7)
+    assert share == pytest.approx(0.25, rel=1e-6) and mass == pytest.approx(0.8e-6, rel=1e-6)
+
+
+# --- recurse.py: the sub-model's own skill, on held-out pieces
+
+def test_label_pieces_are_held_out_pieces_of_six_notes_with_their_true_topics():
+    pieces = recurse.label_pieces(12)
+    assert len(pieces) == 12 and len({prompt for prompt, _, _ in pieces}) == 12
+    for prompt, label, topics in pieces:
+        notes = prompt[len(TALLY_ASK):].splitlines()
+        assert prompt.startswith(TALLY_ASK) and len(notes) == len(topics) == 6
+        assert label in AGGREGATE_LABELS and topics == [TOPIC_OF[n] for n in notes]
+        assert read_answer(prompt).split() == topics  # the teacher's reply to it is right
+
+
+class ReplyByRule:
+    """A stand-in sub-model: its reply to a prompt is rule(prompt, its index among the prompts)."""
+
+    def __init__(self, rule):
+        self.rule, self.prompts = rule, []
+
+    def chat_ids(self, messages):
+        self.prompts.append(messages[-1]["content"])
+        return [len(self.prompts) - 1]
+
+    def sample(self, prompts, max_new_tokens, temperature, seeds):
+        assert len(set(seeds)) == len(prompts)  # each piece its own seed
+        return [ScriptedSample(p, [], "stop") for p in prompts]
+
+    def decode(self, ids):
+        return self.rule(self.prompts[ids[0]], ids[0])
+
+
+def test_label_skill_counts_notes_in_place_and_pieces_by_the_count_the_code_adds_up():
+    pieces = recurse.label_pieces(10)
+    right = recurse.label_skill(ReplyByRule(lambda prompt, i: read_answer(prompt)), pieces, 0.7)
+    assert right == {"notes": 60, "notes_right": 60, "pieces": 10, "pieces_right": 10}
+    # the right labels in reverse order: few notes in place, every piece's count still right
+    reverse = recurse.label_skill(ReplyByRule(lambda prompt, i: "\n".join(read_answer(prompt).split()[::-1])), pieces, 0.7)
+    assert reverse["pieces_right"] == 10
+    assert reverse["notes_right"] == sum(t[j] == t[5 - j] for _, _, t in pieces for j in range(6)) < 60
+    # no label at all: a piece is right only when the task's label is not among its notes
+    none = recurse.label_skill(ReplyByRule(lambda prompt, i: "none"), pieces, 0.7)
+    assert none["notes_right"] == 0
+    assert none["pieces_right"] == sum(label not in topics for _, label, topics in pieces)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES["tally"])
@@ -270,3 +341,25 @@ def test_teacher_py_prints_a_solved_tally_demonstration_under_the_experiments_ro
     teacher.main(["--family", "tally", "--strategy", strategy, "--length", "6000"])
     out = capsys.readouterr().out
     assert "correctness: 1.0" in out and "depth=2" in out
+
+
+def test_the_report_reads_plan_files_with_and_without_the_mass_and_label_skill(tmp_path):
+    """Files measured before the mass and label skill were added hold (level, length, share): the
+    report still reads them, and shows the new figures where they were measured."""
+    import json
+
+    (tmp_path / "eval").mkdir()
+    old = {"temperature": 0.7, "shares": [["root", 3000, 0.02], ["root", 3000, 0.04]]}
+    new = {"temperature": 0.7, "shares": [["root", 3000, 0.5, 0.9], ["root", 3000, 0.7, 0.7]],
+           "labels": {"notes": 60, "notes_right": 54, "pieces": 10, "pieces_right": 7}}
+    (tmp_path / "eval" / "warm-plans.json").write_text(json.dumps(old))
+    (tmp_path / "eval" / "cost-s0-plans.json").write_text(json.dumps(new))
+    recurse.report(str(tmp_path), recurse.PRESETS["short"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["plans/warm/root/3000"]["share"] == pytest.approx(0.03) and "mass" not in results["plans/warm/root/3000"]
+    assert results["plans/cost/root/3000"]["share"] == pytest.approx(0.6)
+    assert results["plans/cost/root/3000"]["mass"] == pytest.approx(0.8)
+    assert results["labels/cost"]["pieces_right"] == 7 and "labels/warm" not in results
+    text = (tmp_path / "results.md").read_text()
+    assert "7/10 pieces" in text and "54/60 notes" in text
+    assert (tmp_path / "steps.png").exists()
