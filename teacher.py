@@ -840,5 +840,34 @@ def label_drills(policy, n, seed=0):
     return drills
 
 
+def root_drills(policy, n, max_length, seed=0, rlm_settings=None):
+    """n demonstrations of a tally root's one reply alone: the teacher's whole rollout is made (its
+    sub-model labels every note right) and only the root call is kept, token-exact. The root's code
+    holds both choices RL works on: how deep (one level of labelled pieces up to TALLY_ONE_LEVEL
+    characters, parts of notes for child RLMs past it) and whether the sub-calls run one after another
+    or at once (the habit mix: every 1/EFFICIENT_SHARE-th drill async). Lengths alternate between the
+    two sides of TALLY_ONE_LEVEL, uniform on each up to max_length, so the size the prompt states,
+    not one fixed length, is what the depth goes with. A root row is about a tenth of a whole
+    demonstration's tokens (no child or sub-model rows). Made from the "demo" split alone."""
+    from trace import Rollout
+
+    rlm_settings = rlm_settings or {**BUDGETS["cpu"], **TALLY_LIMITS}
+    every = round(1 / EFFICIENT_SHARE)
+    jobs = []
+    for i in range(n):
+        rng = random.Random(f"{seed}/root/{i}")
+        length = rng.randint(1000, TALLY_ONE_LEVEL) if i % 2 == 0 else rng.randint(TALLY_ONE_LEVEL + 1, max_length)
+        task = make_task("tally", length, seed=task_seed("demo", "tally", length, f"root/{seed}/{i}"))
+        jobs.append((task, "async" if i % every == every - 1 else "sync", task.seed))
+    demos = asyncio.run(_demonstrate_all(policy, jobs, rlm_settings, max_concurrent=8))
+    drills = []
+    for d in demos:
+        root = d.rollout.calls[0]
+        drills.append(Demonstration("tally", d.length, d.seed, d.strategy, d.correctness,
+                                    Rollout(d.rollout.query, root.answer, [root], root.cost,
+                                            d.rollout.max_generated_tokens)))
+    return drills
+
+
 if __name__ == "__main__":  # after every family is registered, tally included
     main()

@@ -58,7 +58,7 @@ from lora import load_policy
 from reward import reward_for, summarize_rollouts
 from rlm import BUDGETS, RLM, Batcher
 from tasks import make_task, task_seed
-from teacher import STRATEGIES, habit_counts, label_drills, make_demonstrations
+from teacher import STRATEGIES, habit_counts, label_drills, make_demonstrations, root_drills
 from trace import write_jsonl
 from view import plot_curves, write_html
 
@@ -80,6 +80,7 @@ warm_demos = 16  # correct demonstrations per teacher strategy (0 = no warm star
 warm_strategies = "look"  # or "habits": teacher.HABITS, the original RLM's habits as 80% (recurse.py)
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_drills = 0  # with tally: extra one-call demonstrations of its sub-model's job (teacher.label_drills)
+warm_root_drills = 0  # with tally: demonstrations of the root's reply alone, sizes up to max(lengths) (teacher.root_drills)
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
 warm_mix_batches = False  # spread each strategy evenly over an epoch's batches (see warm_order)
@@ -172,7 +173,7 @@ def warm_start_batches(policy, cfg):
     """The teacher's demonstrations, shuffled per epoch and cut into the warm start's steps.
     A function of the config alone, so a resumed run makes the same batches again."""
     families = [f for f in cfg["families"].split(",") if f in STRATEGIES]
-    if not (cfg["warm_demos"] or cfg["warm_drills"]) or not families:
+    if not (cfg["warm_demos"] or cfg["warm_drills"] or cfg["warm_root_drills"]) or not families:
         return []
     # Under torchrun each rank makes the demonstrations of its share of the strategies; all ranks then
     # hold all of them, in the order one process makes them.
@@ -186,6 +187,8 @@ def warm_start_batches(policy, cfg):
     demos = sorted(dist.gather(demos), key=lambda d: pairs.index((d.family, d.strategy)))  # stable
     if "tally" in families:  # the same on every rank: made from the seed alone, and cheap
         demos += label_drills(policy, cfg["warm_drills"], seed=cfg["seed"])
+        demos += root_drills(policy, cfg["warm_root_drills"], max(ints(cfg["lengths"])), seed=cfg["seed"],
+                             rlm_settings=rlm_settings(cfg))
     order = warm_order([(d.family, d.strategy) for d in demos], cfg["warm_epochs"], cfg["seed"],
                        cfg["warm_mix_batches"])
     return [[demos[i].rollout for i in order[k:k + cfg["warm_batch"]]] for k in range(0, len(order), cfg["warm_batch"])]

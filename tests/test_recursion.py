@@ -210,6 +210,24 @@ def test_label_drills_are_token_exact_one_call_demonstrations_of_the_right_label
     assert len(build_rows([d.rollout for d in drills], [1.0] * 6)) == 6
 
 
+def test_root_drills_are_the_teachers_root_calls_alone_on_both_sides_of_one_level(tiny_policy):
+    from teacher import TALLY_ONE_LEVEL, root_drills
+
+    drills = root_drills(tiny_policy, 10, 6000, seed=3, rlm_settings=SETTINGS)
+    assert [d.strategy for d in drills] == ["sync"] * 4 + ["async"] + ["sync"] * 4 + ["async"]  # the habit mix
+    assert [d.length <= TALLY_ONE_LEVEL for d in drills] == [True, False] * 5
+    for d in drills:
+        (call,) = d.rollout.calls
+        assert call.kind == "root" and d.correctness == 1.0 and sum(call.sampled_mask) > 0
+        reply = tiny_policy.decode([t for t, m in zip(call.token_ids, call.sampled_mask) if m])
+        # deeper past one level's reach, and the plan of its strategy
+        assert ("rlm_query" in reply) == (d.length > TALLY_ONE_LEVEL)
+        assert (("llm_query_batched" in reply or "gather" in reply) == (d.strategy == "async"))
+    again = root_drills(tiny_policy, 10, 6000, seed=3, rlm_settings=SETTINGS)  # a function of the seed alone
+    assert [d.rollout.calls[0].token_ids for d in drills] == [d.rollout.calls[0].token_ids for d in again]
+    assert len(build_rows([d.rollout for d in drills], [1.0] * 10)) == 10
+
+
 def test_every_run_of_the_experiment_passes_train_py_checks():
     """recurse.py runs train.py with these flags: each set must parse and pass check_config as given
     (a bool as --name/--no-name), and the arms differ in the reward's weights alone."""
