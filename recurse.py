@@ -18,7 +18,12 @@ The steps, each skipped when its output is already there (so a stopped run goes 
                   notes of a prompt), cheap rows. Drills alone made the root forget its code.
                                                                      -> out_dir/warm-drills
                   then the habit demonstrations alone again, every batch holding the habit mix
-                  (MIX, --warm_mix_batches)                                 -> out_dir/warm
+                  (MIX, --warm_mix_batches)                             -> out_dir/warm-mix
+                  then the same demonstrations with many more label drills (LABELS): the sub-model
+                  labelled about 0.7 of held-out notes in place               -> out_dir/warm-labels
+                  then root drills, the root's reply alone at sizes on both sides of one level's
+                  reach, with label drills (ROOTS, --warm_root_drills): the roots wrote the
+                  one-level program at 3,000 and 6,000 characters most of the time  -> out_dir/warm
   2. RL arms      train.py --init_adapter out_dir/warm/adapter for each arm and training seed:
                   "cost" (the reward's cost and latency weights, ARMS) and "accuracy" (both 0)
                                                                             -> out_dir/<arm>-s<seed>
@@ -26,8 +31,9 @@ The steps, each skipped when its output is already there (so a stopped run goes 
                   the RL temperature (seeded per task) and greedy; and `direct` (the base model with
                   the context in its prompt) on tally                      -> out_dir/eval/*.jsonl
                   and each adapter's odds of the concurrent plan where tally's code chooses it
-                  (plan_preference: exact, where sampled rollouts give a few dozen draws)
-                                                                  -> out_dir/eval/*-plans.json
+                  (plan_preference: exact, where sampled rollouts give a few dozen draws), the
+                  chance it writes either program at all (the mass), and the sub-model's own
+                  accuracy on held-out pieces of notes (label_skill)  -> out_dir/eval/*-plans.json
   4. report       out_dir/results.md: per family and length, accuracy, sub-calls per rollout, the
                   share of sub-calls run concurrently, the share of rollouts that used a second
                   level, the critical path and weighted tokens, each with a 95% interval (Wilson for
@@ -78,8 +84,9 @@ ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays 
 BUDGETS = dict(cost_budget=4096, latency_budget=512)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
               temperature=0.7, **ROLLOUTS, **BUDGETS)
-# RL samples at 0.7 so that the warm start's minority strategies come up in a group; lr 1e-3 because
-# a CPU run has few steps. On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
+# RL samples at 0.7 so that the warm start's minority strategies come up in a group. lr 3e-4 on CPU:
+# at 1e-3 two updates on 18 RLM rows took the plan odds from 0.02 to 1.00 at some prompts, and by
+# the third step the code broke (README, second run). On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
 # write the code that chooses between sequential and concurrent sub-calls, while the plain completions'
 # rows (most of a step's tokens) teach labelling, which the warm start's drills teach for less (see the
 # README's "Does RL learn to recurse?").
@@ -88,15 +95,24 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # policy's choices (0.3% at the RL temperature; README), far below the 20% it was shown, because
 # runs of majority-only batches pushed it down; RL cannot reinforce what it never samples.
 MIX = dict(warm_drills=0, warm_epochs=2, warm_batch=5, warm_lr=5e-4, warm_mix_batches=True)
+# Then the sub-model and the root's depth, each the cheap way (short rows, mixed batches): the habit
+# demonstrations once more among 400 label drills, then 80 root drills among 80 label drills.
+# After MIX, held-out pieces of 6 notes had their label count right 0.77 of the time at the RL
+# temperature (an exact tally needs every piece right), and the roots at 3,000 and 6,000 characters
+# wrote the teacher's two-level program with a chance of 0.11-0.16, the one-level one (refused past
+# 4 sub-calls) most of the rest (recurse.label_skill and plan_preference's mass; README).
+LABELS = dict(warm_drills=400, warm_epochs=1, warm_batch=21, warm_lr=5e-4, warm_mix_batches=True)
+ROOTS = dict(warm_demos=0, warm_drills=80, warm_root_drills=80, warm_epochs=1, warm_batch=10, warm_lr=5e-4,
+             warm_mix_batches=True)
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
-    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=4,
-                             tasks_per_step=3, group_size=6, lr=1e-3, train_calls="rlm"),
+    "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=8,
+                             tasks_per_step=3, group_size=6, lr=3e-4, train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10, n_plans_steps=4,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
-                            steps=8, tasks_per_step=3, group_size=6, lr=1e-3, train_calls="rlm"),
+                            steps=8, tasks_per_step=3, group_size=6, lr=3e-4, train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30, n_plans_steps=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
@@ -119,7 +135,9 @@ def run_flags(preset):
     flags = {**COMMON, **preset["train"]}
     runs = {"warm-demos": {**flags, "steps": 0},
             "warm-drills": {**flags, **preset["drills"], "steps": 0, "init_adapter": "{out_dir}/warm-demos/adapter"},
-            "warm": {**flags, **MIX, "steps": 0, "init_adapter": "{out_dir}/warm-drills/adapter"}}
+            "warm-mix": {**flags, **MIX, "steps": 0, "init_adapter": "{out_dir}/warm-drills/adapter"},
+            "warm-labels": {**flags, **LABELS, "steps": 0, "init_adapter": "{out_dir}/warm-mix/adapter"},
+            "warm": {**flags, **ROOTS, "steps": 0, "init_adapter": "{out_dir}/warm-labels/adapter"}}
     rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter", "keep_adapters": True}
     for arm, weights in ARMS.items():
         for seed in preset["seeds"]:

@@ -236,7 +236,8 @@ def test_every_run_of_the_experiment_passes_train_py_checks():
 
     for name, preset in recurse.PRESETS.items():
         runs = recurse.run_flags(preset)
-        assert list(runs)[:3] == ["warm-demos", "warm-drills", "warm"] and len(runs) == 3 + len(recurse.ARMS) * len(preset["seeds"])
+        assert list(runs)[:5] == ["warm-demos", "warm-drills", "warm-mix", "warm-labels", "warm"]
+        assert len(runs) == 5 + len(recurse.ARMS) * len(preset["seeds"])
         for flags in runs.values():
             config.check_config(train.parse_config(recurse.as_flags(flags)))
         seed = preset["seeds"][0]
