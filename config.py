@@ -39,7 +39,8 @@ CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_e
 
 # The valid range of each number, as --help states it and check_config enforces it.
 VALID = dict(
-    warm_demos="at least 0", warm_drills="at least 0", warm_root_drills="at least 0", warm_epochs="at least 1", warm_batch="at least 1",
+    warm_demos="at least 0", warm_drills="at least 0", warm_root_drills="at least 0", warm_epochs="at least 1",
+    warm_batch="at least 1",
     warm_lr="greater than 0", cost_budget="at least 0 (0: follows the rollouts)",
     latency_budget="at least 0 (0: follows the rollouts)",
     steps="at least 0", tasks_per_step="at least 1", group_size="at least 2", promote_at="between 0 and 1",
@@ -103,9 +104,9 @@ def check_config(cfg):
     for name in ("tasks_per_step", "max_turns", "max_new_tokens", "max_generated_tokens",
                  "micro_batch_tokens", "epochs", "warm_epochs", "warm_batch", "lora_rank"):
         problems.append(at_least(f"--{name}", cfg[name], 1))
-    for name in ("steps", "warm_demos", "warm_drills", "warm_root_drills", "cost_budget", "latency_budget", "max_depth", "max_sub_calls",
-                 "max_call_sub_calls", "max_prompt_chars", "weight_decay", "beta", "eps_high", "checkpoint_every",
-                 "eval_every", "eval_n"):
+    for name in ("steps", "warm_demos", "warm_drills", "warm_root_drills", "cost_budget", "latency_budget", "max_depth",
+                 "max_sub_calls", "max_call_sub_calls", "max_prompt_chars", "weight_decay", "beta", "eps_high",
+                 "checkpoint_every", "eval_every", "eval_n"):
         problems.append(at_least(f"--{name}", cfg[name], 0))
     if cfg["lr"] <= 0 or cfg["warm_lr"] <= 0:
         problems.append("--lr and --warm_lr must be positive")

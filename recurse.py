@@ -85,11 +85,12 @@ BUDGETS = dict(cost_budget=4096, latency_budget=512)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
               temperature=0.7, **ROLLOUTS, **BUDGETS)
 # RL samples at 0.7 so that the warm start's minority strategies come up in a group. lr 3e-4 on CPU:
-# at 1e-3 two updates on 18 RLM rows took the plan odds from 0.02 to 1.00 at some prompts, and by
-# the third step the code broke (README, second run). On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
-# write the code that chooses between sequential and concurrent sub-calls, while the plain completions'
-# rows (most of a step's tokens) teach labelling, which the warm start's drills teach for less (see the
-# README's "Does RL learn to recurse?").
+# after two updates at 1e-3 on 18 rollouts the policy wrote neither of the teacher's programs; at 3e-4
+# one update still about halved that chance, and a fresh Adam's first step moved 93-95% of the weights
+# by about the learning rate whatever their gradient (README, second and third runs). On CPU RL trains
+# the root's and the child RLMs' rows (train_calls rlm): they write the code that chooses between
+# sequential and concurrent sub-calls, while the plain completions' rows (most of a step's tokens) teach
+# labelling, which the warm start's drills teach for less (see the README's "Does RL learn to recurse?").
 # The warm start's last stage: the habit demonstrations again, every batch holding the habit mix
 # (train.py --warm_mix_batches). Shuffled batches left the concurrent plan at about 1% of the
 # policy's choices (0.3% at the RL temperature; README), far below the 20% it was shown, because

@@ -80,7 +80,7 @@ warm_demos = 16  # correct demonstrations per teacher strategy (0 = no warm star
 warm_strategies = "look"  # or "habits": teacher.HABITS, the original RLM's habits as 80% (recurse.py)
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_drills = 0  # with tally: extra one-call demonstrations of its sub-model's job (teacher.label_drills)
-warm_root_drills = 0  # with tally: demonstrations of the root's reply alone, sizes up to max(lengths) (teacher.root_drills)
+warm_root_drills = 0  # with tally: the root's reply alone, sizes up to max(lengths) (teacher.root_drills)
 warm_epochs = 3  # passes over the demonstrations
 warm_batch = 4  # demonstrations per warm-start step
 warm_mix_batches = False  # spread each strategy evenly over an epoch's batches (see warm_order)

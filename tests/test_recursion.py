@@ -344,7 +344,8 @@ def test_label_skill_counts_notes_in_place_and_pieces_by_the_count_the_code_adds
     right = recurse.label_skill(ReplyByRule(lambda prompt, i: read_answer(prompt)), pieces, 0.7)
     assert right == {"notes": 60, "notes_right": 60, "pieces": 10, "pieces_right": 10}
     # the right labels in reverse order: few notes in place, every piece's count still right
-    reverse = recurse.label_skill(ReplyByRule(lambda prompt, i: "\n".join(read_answer(prompt).split()[::-1])), pieces, 0.7)
+    backwards = ReplyByRule(lambda prompt, i: "\n".join(read_answer(prompt).split()[::-1]))
+    reverse = recurse.label_skill(backwards, pieces, 0.7)
     assert reverse["pieces_right"] == 10
     assert reverse["notes_right"] == sum(t[j] == t[5 - j] for _, _, t in pieces for j in range(6)) < 60
     # no label at all: a piece is right only when the task's label is not among its notes
@@ -375,7 +376,8 @@ def test_the_report_reads_plan_files_with_and_without_the_mass_and_label_skill(t
     (tmp_path / "eval" / "cost-s0-plans.json").write_text(json.dumps(new))
     recurse.report(str(tmp_path), recurse.PRESETS["short"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["plans/warm/root/3000"]["share"] == pytest.approx(0.03) and "mass" not in results["plans/warm/root/3000"]
+    assert results["plans/warm/root/3000"]["share"] == pytest.approx(0.03)
+    assert "mass" not in results["plans/warm/root/3000"]
     assert results["plans/cost/root/3000"]["share"] == pytest.approx(0.6)
     assert results["plans/cost/root/3000"]["mass"] == pytest.approx(0.8)
     assert results["labels/cost"]["pieces_right"] == 7 and "labels/warm" not in results
