@@ -286,6 +286,35 @@ def measure_plans(adapter, preset, n, temperature, path):
     os.replace(path + ".tmp", path)
 
 
+def perturb_by_sign(policy, lr, seed=0):
+    """Move every trainable weight of policy by +lr or -lr, the sign drawn from seed."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(lr * (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.dtype))
+
+
+def sign_noise_mass(adapter, preset, lrs, n, temperature, path, seed=0):
+    """What one update that is pure noise costs the cloned programs: every trainable weight moved by
+    lr in a random direction (+lr or -lr), as a fresh Adam's first step moves nearly every weight by
+    about lr whatever its gradient; then plan_preference's mass on n held-out tally tasks per length.
+    lr 0 is the adapter itself. -> {lr: mean mass}, written to path (JSON)."""
+    from lora import load_policy
+
+    masses = {}
+    for lr in lrs:
+        policy = load_policy(None, adapter=adapter)
+        perturb_by_sign(policy, lr, seed)
+        rows = plan_prompts(policy, n, preset["eval_lengths"]["tally"])
+        masses[str(lr)] = mean([mass for *_, mass in plan_preference(policy, rows, temperature)])
+    with open(path + ".tmp", "w") as f:
+        json.dump({"temperature": temperature, "n": n, "seed": seed, "mass": masses}, f)
+    os.replace(path + ".tmp", path)
+    return masses
+
+
 # -----------------------------------------------------------------------------
 # The report: every figure with a 95% interval
 

@@ -384,3 +384,21 @@ def test_the_report_reads_plan_files_with_and_without_the_mass_and_label_skill(t
     text = (tmp_path / "results.md").read_text()
     assert "7/10 pieces" in text and "54/60 notes" in text
     assert (tmp_path / "steps.png").exists()
+
+
+def test_a_sign_step_moves_every_trainable_weight_by_lr_and_nothing_else():
+    """float32 weights of size ~1e-2 plus 1e-3: the sum rounds by at most half an ulp of about
+    1e-2 (~5e-10), so each move equals lr to well within 1e-7."""
+    import torch
+
+    from conftest import make_tiny_policy
+
+    policy = make_tiny_policy(seed=1)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    recurse.perturb_by_sign(policy, 1e-3, seed=5)
+    moves = {n: p.detach() - before[n] for n, p in policy.model.named_parameters()}
+    assert trainable and all(torch.equal(moves[n], torch.zeros_like(moves[n])) for n in moves if n not in trainable)
+    signs = torch.cat([moves[n].flatten() for n in trainable])
+    assert torch.allclose(signs.abs(), torch.full_like(signs, 1e-3), rtol=0, atol=1e-7)
+    assert 0.4 < (signs > 0).float().mean().item() < 0.6  # both directions, from the seed
