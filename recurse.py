@@ -86,8 +86,8 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
               temperature=0.7, **ROLLOUTS, **BUDGETS)
 # RL samples at 0.7 so that the warm start's minority strategies come up in a group. lr 3e-4 on CPU:
 # after two updates at 1e-3 on 18 rollouts the policy wrote neither of the teacher's programs; at 3e-4
-# one update still about halved that chance, and a fresh Adam's first step moved 93-95% of the weights
-# by about the learning rate whatever their gradient (README, second and third runs). On CPU RL trains
+# one update still about halved that chance (a random step of the same size did not: README, second
+# and third runs). On CPU RL trains
 # the root's and the child RLMs' rows (train_calls rlm): they write the code that chooses between
 # sequential and concurrent sub-calls, while the plain completions' rows (most of a step's tokens) teach
 # labelling, which the warm start's drills teach for less (see the README's "Does RL learn to recurse?").
