@@ -68,12 +68,12 @@ import time
 from eval import best_constant, evaluate, wilson
 from reward import RewardConfig
 from tasks import TOPIC_OF, cheap_answers, make_task, score, task_seed
-from teacher import (TALLY_ASK, TALLY_LIMITS, TALLY_NOTES, TALLY_ONE_LEVEL, TALLY_PIECES, TALLY_QUERY,
+from teacher import (TALLY_ASK, TALLY_LIMITS, TALLY_NOTES, TALLY_PIECES, TALLY_QUERY,
                      TALLY_STRATEGIES, first_group, tally_turn)
 
 FAMILIES = ("tally", "niah", "multihop")  # the experiment's families, in the report's order
 LIMITS = TALLY_LIMITS  # why tally needs depth (see the docstring)
-ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=192, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
+ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=256, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
 # The reward's budgets at the scale of these rollouts (a tally rollout's critical path is 130-710 tokens,
@@ -202,14 +202,14 @@ def plan_prompts(policy, n, lengths):
             label = first_group(TALLY_QUERY.search(task.query))
             notes = task.context.splitlines()[1:]
             calls = [("root", 0, task.context)]
-            if len(task.context) > TALLY_ONE_LEVEL:
+            if len(notes) > TALLY_NOTES * TALLY_PIECES:  # the teacher's code hands parts to children
                 calls.append(("child", 1, notes[:TALLY_NOTES * TALLY_PIECES]))
             for level, depth, context in calls:
                 user = user_prompt(task.query, context, preview)
                 prompt = policy.chat_ids([{"role": "system", "content": system_prompt(
                                               depth < ROLLOUTS["max_depth"], True, **LIMITS)},
                                           {"role": "user", "content": user}])
-                replies = [policy.encode(tally_turn(label, user, [], s, random.Random(0))) for s in TALLY_STRATEGIES]
+                replies = [policy.encode(tally_turn(label, [], s, random.Random(0))) for s in TALLY_STRATEGIES]
                 rows.append((level, length, prompt, *replies))
     return rows
 

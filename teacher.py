@@ -195,7 +195,7 @@ def reply(messages, strategy, rng):
     if parse_source_query(query):
         return source_turn(query, observations, strategy, rng)
     if m := TALLY_QUERY.search(query):
-        return tally_turn(first_group(m), users[0], observations, strategy, rng)
+        return tally_turn(first_group(m), observations, strategy, rng)
     if m := CHAIN_QUERY.search(query):
         return chain_turn(*parse_chain(first_group(m)), observations, strategy, rng)
     if m := HOP_QUERY.search(query):  # a child asked for one hop: one search does it
@@ -354,7 +354,9 @@ def failed(observation):
 
 def niah_turn(key, observations, strategy, rng, part=False):
     if strategy == "regex" or strategy not in STRATEGIES["niah"]:
-        return code(rng, value_code(key, rng, may_be_absent=part), ("niah", "regex"))
+        if not observations or part:
+            return code(rng, value_code(key, rng, may_be_absent=part), ("niah", "regex"))
+        strategy = "look"  # the one cell failed (no line held the key as written): read instead, never resubmit
     if strategy == "guess" and len(observations) == 1 and not failed(observations[0]):
         return final_reply(observations[0].strip(), rng)  # the usual frame it was: the cell printed the value
     if strategy in ("look", "guess") and observations:
@@ -762,32 +764,31 @@ TALLY_NOTES = 6        # notes per llm_query: 6 of the longest note and TALLY_AS
 TALLY_PIECES = 4       # sub-calls per call (the experiment's max_call_sub_calls)
 TALLY_PROMPT_CHARS = 800  # characters per llm_query prompt (the experiment's max_prompt_chars)
 TALLY_LIMITS = dict(max_call_sub_calls=TALLY_PIECES, max_prompt_chars=TALLY_PROMPT_CHARS)  # rlm.RLM's per-call limits
-TALLY_ONE_LEVEL = 1600  # characters of a str context below which one level surely covers it (24 notes)
-SIZE = re.compile(r"The context is a (\w+) of ([\d,]+) (characters|items)")
+TALLY_ONE_LEVEL = 1600  # characters of a str context below which one level surely covers it (24 notes): drills' sizes
 
 
-def tally_turn(label, user_prompt, observations, strategy, rng):
-    """The first (and only) reply of a tally call: label pieces, or hand parts to child RLMs."""
+def tally_turn(label, observations, strategy, rng):
+    """The first (and only) reply of a tally call. One program at every size and level: the code
+    reads how many notes it holds, labels them in pieces of TALLY_NOTES when one level of sub-calls
+    covers them, and otherwise hands parts of TALLY_NOTES * TALLY_PIECES notes to child RLMs (which
+    run the same program on their part). Depth is thus chosen by code that reads the input, not by
+    the model guessing from the size its prompt states; sync and async differ in the two lines that ask."""
     if observations:  # the first reply always FINALs; a second turn means it failed
         return final_reply(NOT_FOUND, rng)
-    strategy = strategy if strategy in TALLY_STRATEGIES else "sync"
-    kind, size, _ = SIZE.search(user_prompt).groups()
-    size = int(size.replace(",", ""))
-    lines = ["notes = context" if kind == "list" else "notes = context.splitlines()[1:]"]
-    one_level = size <= TALLY_NOTES * TALLY_PIECES if kind == "list" else size <= TALLY_ONE_LEVEL
-    step = TALLY_NOTES if one_level else TALLY_NOTES * TALLY_PIECES
-    lines.append(f"parts = [notes[i:i + {step}] for i in range(0, len(notes), {step})]")
-    # One line per step, and the strategies part at the first token after `replies =`: a warm start
-    # that saw the minority strategy samples it at about its share there, which RL can then move.
-    if one_level:
-        lines += [f"ask = {TALLY_ASK!r}", "prompts = [ask + '\\n'.join(p) for p in parts]",
-                  "replies = [llm_query(p) for p in prompts]" if strategy == "sync"
-                  else "replies = llm_query_batched(prompts)",
-                  f"FINAL(sum(r.split().count({label!r}) for r in replies))"]
-    else:
-        lines += ["replies = [rlm_query(query, p) for p in parts]" if strategy == "sync"
-                  else "replies = await asyncio.gather(*[rlm_query_async(query, p) for p in parts])",
-                  "FINAL(sum(int(re.search(r'\\d+', r).group()) for r in replies))"]
+    sync = (strategy if strategy in TALLY_STRATEGIES else "sync") == "sync"
+    cover = TALLY_NOTES * TALLY_PIECES  # notes one level of sub-calls covers
+    # One line per step, and the strategies part at the first token after `replies =` (twice): a
+    # warm start that saw the minority strategy samples it at about its share there, which RL can move.
+    lines = ["notes = context if isinstance(context, list) else context.splitlines()[1:]",
+             f"if len(notes) <= {cover}:",
+             f"    ask = {TALLY_ASK!r}",
+             f"    prompts = [ask + '\\n'.join(notes[i:i + {TALLY_NOTES}]) for i in range(0, len(notes), {TALLY_NOTES})]",
+             "    replies = [llm_query(p) for p in prompts]" if sync else "    replies = llm_query_batched(prompts)",
+             f"    FINAL(sum(r.split().count({label!r}) for r in replies))",
+             f"parts = [notes[i:i + {cover}] for i in range(0, len(notes), {cover})]",
+             "replies = [rlm_query(query, p) for p in parts]" if sync
+             else "replies = await asyncio.gather(*[rlm_query_async(query, p) for p in parts])",
+             "FINAL(sum(int(re.search(r'\\d+', r).group()) for r in replies))"]
     return code(rng, "\n".join(lines))
 
 
@@ -843,11 +844,10 @@ def label_drills(policy, n, seed=0):
 def root_drills(policy, n, max_length, seed=0, rlm_settings=None):
     """n demonstrations of a tally root's one reply alone: the teacher's whole rollout is made (its
     sub-model labels every note right) and only the root call is kept, token-exact. The root's code
-    holds both choices RL works on: how deep (one level of labelled pieces up to TALLY_ONE_LEVEL
-    characters, parts of notes for child RLMs past it) and whether the sub-calls run one after another
-    or at once (the habit mix: every 1/EFFICIENT_SHARE-th drill async). Lengths alternate between the
-    two sides of TALLY_ONE_LEVEL, uniform on each up to max_length, so the size the prompt states,
-    not one fixed length, is what the depth goes with. A root row is about a tenth of a whole
+    holds both choices: how deep (its `if len(notes) <= ...` reads the input; the drills' lengths
+    alternate between the two sides of TALLY_ONE_LEVEL, uniform on each up to max_length, so both
+    branches run) and whether the sub-calls run one after another or at once (the habit mix: every
+    1/EFFICIENT_SHARE-th drill async). A root row is about a tenth of a whole
     demonstration's tokens (no child or sub-model rows). Made from the "demo" split alone."""
     from trace import Rollout
 

@@ -220,8 +220,10 @@ def test_root_drills_are_the_teachers_root_calls_alone_on_both_sides_of_one_leve
         (call,) = d.rollout.calls
         assert call.kind == "root" and d.correctness == 1.0 and sum(call.sampled_mask) > 0
         reply = tiny_policy.decode([t for t, m in zip(call.token_ids, call.sampled_mask) if m])
-        # deeper past one level's reach, and the plan of its strategy
-        assert ("rlm_query" in reply) == (d.length > TALLY_ONE_LEVEL)
+        # one program at every size: the code reads how many notes there are and chooses the depth
+        assert "if len(notes) <= 24:" in reply and "rlm_query" in reply
+        notes = make_task("tally", d.length, d.seed).context.splitlines()[1:]
+        assert (call.cost.depth == 2) == (len(notes) > 24)
         assert (("llm_query_batched" in reply or "gather" in reply) == (d.strategy == "async"))
     again = root_drills(tiny_policy, 10, 6000, seed=3, rlm_settings=SETTINGS)  # a function of the seed alone
     assert [d.rollout.calls[0].token_ids for d in drills] == [d.rollout.calls[0].token_ids for d in again]
@@ -248,16 +250,16 @@ def test_every_run_of_the_experiment_passes_train_py_checks():
 
 # --- recurse.py: the policy's odds at tally's choice of plan
 
-def test_plan_prompts_hold_the_teachers_two_replies_which_differ_in_the_asking_line_alone(tiny_policy):
+def test_plan_prompts_hold_the_teachers_two_replies_which_differ_in_the_asking_lines_alone(tiny_policy):
     rows = recurse.plan_prompts(tiny_policy, 2, (1200, 6000))
     assert [(level, length) for level, length, *_ in rows] == [("root", 1200)] * 2 + [("root", 6000), ("child", 6000)] * 2
     for level, length, prompt, sync, concurrent in rows:
         a, b = tiny_policy.decode(sync).splitlines(), tiny_policy.decode(concurrent).splitlines()
         changed = [(x, y) for x, y in zip(a, b) if x != y]
-        assert len(a) == len(b) and len(changed) == 1, (level, length)
-        assert "replies" in changed[0][0] and ("batched" in changed[0][1] or "gather" in changed[0][1])
-        # a second level hands rlm_query parts at the root; the child (and a short root) labels pieces
-        assert ("rlm_query" in changed[0][0]) == (level == "root" and length == 6000)
+        # the one program of every size and level: labelled pieces, or parts for child RLMs
+        assert len(a) == len(b) and len(changed) == 2, (level, length)
+        assert all("replies" in x and ("batched" in y or "gather" in y) for x, y in changed)
+        assert "llm_query(" in changed[0][0] and "rlm_query(" in changed[1][0]
 
 
 def test_plan_preference_is_the_tempered_odds_of_the_two_replies(tiny_policy):

@@ -249,3 +249,20 @@ def test_after_a_failed_cell_the_teacher_reads_instead_and_never_resubmits(tiny_
             turns = demo.rollout.calls[0].turns
             assert "Error" in turns[0]["observation"] and turns[1]["code"] != turns[0]["code"]
     assert recovered >= 3   # 7 of 8 seen frames are not the classic one
+
+
+def test_after_its_one_cell_failed_the_regex_teacher_reads_instead_of_resubmitting():
+    """regex is one cell; if that cell raised (say a key written otherwise than in the context),
+    the next reply is different code, the key's lines printed, and the turn after that answers
+    from what they showed."""
+    task = make_task("niah", 8000, seed=7)
+    key = re.search(teacher.NIAH_QUERY, task.query)
+    key = teacher.first_group(key)
+    start = [("system", system_prompt(True, True)), ("user", f"Query: {task.query}\n\nThe context is ...")]
+    first = teacher.reply(start, "regex", random.Random(0))
+    failed = start + [("assistant", first), ("user", "ValueError: max() arg is an empty sequence")]
+    second = teacher.reply(failed, "regex", random.Random(0))
+    assert "FINAL" not in second and second != first and f"{key!r} in" in second
+    line = next(ln for ln in task.context.splitlines() if key in ln)
+    answered = teacher.reply(failed + [("assistant", second), ("user", line)], "regex", random.Random(0))
+    assert task.answer in answered and "FINAL" in answered
