@@ -73,11 +73,14 @@ families = "niah"  # comma-separated task families (niah, multihop, source, aggr
 # warm start (behaviour cloning of the teacher)
 warm_demos = 16  # correct demonstrations per teacher strategy (0 = no warm start)
 # Teacher strategies to clone ("all" = every strategy of the families, teacher.STRATEGIES). Few
-# demonstrations teach one way well rather than several badly: the CPU default clones reading
-# (print the key's lines, copy the value from what was printed), which carries over to wordings
-# never seen. Cloning "guess" clones its failing first cell too: with 6 demonstrations each of
-# look and guess, the student opened with the classic regex and resubmitted it.
-warm_strategies = "look"  # or "habits": teacher.HABITS, the original RLM's habits as 80% (recurse.py)
+# demonstrations teach one way well rather than several badly: the CPU default clones `regex`, code
+# that reads any frame (the key from `query`, its line, the longest word with a digit on it). Cloning
+# `look` (print the key's lines, copy the value from what was printed) left held-out wordings at
+# 0.70 (32,000 characters) and 0.47-0.53 (512,000): the student's copies of unfamiliar values and keys
+# were wrong; with regex the code copies them (README, Results). Cloning "guess" clones its failing
+# first cell too: with 6 demonstrations each of look and guess, the student opened with the classic
+# regex and resubmitted it.
+warm_strategies = "regex"  # or "habits": teacher.HABITS, the original RLM's habits as 80% (recurse.py)
 warm_lengths = "2000,8000"  # context lengths of the demonstrations
 warm_drills = 0  # with tally: extra one-call demonstrations of its sub-model's job (teacher.label_drills)
 warm_root_drills = 0  # with tally: the root's reply alone, sizes up to max(lengths) (teacher.root_drills)
