@@ -84,10 +84,12 @@ ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays 
 BUDGETS = dict(cost_budget=4096, latency_budget=512)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
               temperature=0.7, **ROLLOUTS, **BUDGETS)
-# RL samples at 0.7 so that the warm start's minority strategies come up in a group. lr 3e-4 on CPU:
-# after two updates at 1e-3 on 18 rollouts the policy wrote neither of the teacher's programs; at 3e-4
-# one update still about halved that chance (a random step of the same size did not: README, second
-# and third runs). On CPU RL trains
+# RL samples at 0.7 so that the warm start's minority strategies come up in a group. lr 3e-5 on CPU
+# (2e-5 on GPU): a fresh Adam's first update moves every weight by about lr (the sign of its
+# gradient), and the plan's log-odds has a gradient whose L1 norm over the 4.9M LoRA weights is
+# about 43,000 (sign_step_reach), so one update can move a plan by up to lr * 43,000 nats: 13 at
+# 3e-4, where one update took the concurrent plan from 0.07 to 0.001 in both arms (README, fourth
+# run; at 1e-3 two updates had wiped out the programs themselves), and 1.3 at 3e-5. On CPU RL trains
 # the root's and the child RLMs' rows (train_calls rlm): they write the code that chooses between
 # sequential and concurrent sub-calls, while the plain completions' rows (most of a step's tokens) teach
 # labelling, which the warm start's drills teach for less (see the README's "Does RL learn to recurse?").
@@ -112,17 +114,17 @@ ROOTS = dict(warm_demos=10, warm_drills=80, warm_root_drills=80, warm_epochs=1, 
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=8,
-                             tasks_per_step=3, group_size=6, lr=3e-4, train_calls="rlm"),
+                             tasks_per_step=3, group_size=6, lr=3e-5, train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10, n_plans_steps=4,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
-                            steps=8, tasks_per_step=3, group_size=6, lr=3e-4, train_calls="rlm"),
+                            steps=8, tasks_per_step=3, group_size=6, lr=3e-5, train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30, n_plans_steps=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
-                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-4, train_calls="all",
+                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-5, train_calls="all",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
                 seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30, n_plans=50, n_plans_steps=20,
@@ -321,6 +323,31 @@ def sign_noise_mass(adapter, preset, lrs, n, temperature, path, seed=0):
 
 # -----------------------------------------------------------------------------
 # The report: every figure with a 95% interval
+
+
+def sign_step_reach(policy, rows, temperature):
+    """How far one update of Adam's first kind (every trainable weight moved by lr, the sign of its
+    gradient) can move the policy's log-odds of the concurrent plan at each choice of plan_prompts:
+    lr * ||d log-odds / d weights||_1, reached when every weight moves with its own sign. The log-odds
+    is log P_T(async reply) - log P_T(sync reply). -> [(level, length, log-odds, L1 norm of its gradient)];
+    multiply the norm by an lr. With 4.9M LoRA weights the norm is in the tens of thousands, so a
+    step that any consistent signal lines up moves a plan by many nats (README, fourth run)."""
+    import torch
+
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    out = []
+    for level, length, prompt, sync, concurrent in rows:
+        ids = [prompt + sync, prompt + concurrent]
+        width = max(map(len, ids))
+        ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+        attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x))
+                                for x in ids])
+        logp = policy.logprobs(ids_BT, attention_BT, loss_BT, temperature).sum(-1)
+        grads = torch.autograd.grad(logp[1] - logp[0], params, allow_unused=True)
+        norm = sum(g.abs().sum().item() for g in grads if g is not None)
+        out.append((level, length, (logp[1] - logp[0]).item(), norm))
+    return out
 
 
 def bootstrap(values_by_rollout, stat, n=2000, seed=0):

@@ -404,3 +404,34 @@ def test_a_sign_step_moves_every_trainable_weight_by_lr_and_nothing_else():
     signs = torch.cat([moves[n].flatten() for n in trainable])
     assert torch.allclose(signs.abs(), torch.full_like(signs, 1e-3), rtol=0, atol=1e-7)
     assert 0.4 < (signs > 0).float().mean().item() < 0.6  # both directions, from the seed
+
+
+def test_a_sign_step_along_the_gradient_moves_the_plan_log_odds_by_lr_times_its_l1_norm():
+    """sign_step_reach's bound is reached, to first order, by the step that moves every weight with
+    the sign of its own gradient. At an lr where that step moves the log-odds by ~0.01 nats, float32
+    sums of ~10^2 token log-probs are exact to ~1e-5 (0.1% of the move), and the second-order term
+    is O(lr^2), a few percent of the first here; so the change lies within 20% of lr * norm."""
+    import torch
+
+    from conftest import make_tiny_policy
+
+    policy = make_tiny_policy(seed=2)
+    rows = recurse.plan_prompts(policy, 1, (1200,))
+    [(level, length, odds, norm)] = recurse.sign_step_reach(policy, rows, 0.7)
+    assert norm > 0
+    lr = 0.01 / norm
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    _, _, prompt, sync, concurrent = rows[0]
+    ids = [prompt + sync, prompt + concurrent]
+    width = max(map(len, ids))
+    ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+    attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x)) for x in ids])
+    logp = policy.logprobs(ids_BT, attention_BT, loss_BT, 0.7).sum(-1)
+    grads = torch.autograd.grad(logp[1] - logp[0], params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p += lr * torch.sign(g)
+    [(_, _, moved, _)] = recurse.sign_step_reach(policy, rows, 0.7)
+    assert 0.8 * 0.01 < moved - odds < 1.2 * 0.01
