@@ -97,11 +97,12 @@ PINNED_RUN += [x for k in train.GPU_SIZED if f"--{k}" not in PINNED_RUN for x in
 # Float bytes depend on the CPU kernels torch picks, so the training pin holds on the CPU model it
 # was recorded on (elsewhere it skips; record it there with PIN_RECORD=1 to pin that machine too).
 # The metrics pin was re-recorded when RL lines gained sub_calls, concurrent_share and second_level
-# (eval.recursion_profile); the adapter's bytes did not change.
+# (eval.recursion_profile); the adapter's bytes did not change. Both were re-recorded when niah's
+# regex demonstration began to find its key in code (teacher.value_code): a different reply to clone.
 RECORDED_ON = {  # machine -> (sha256 of adapter_model.safetensors, sha256 of the metrics lines)
     "torch 2.13.0, x86_64, AVX2, cpu AuthenticAMD/25/1/1, 2 threads": (
-        "4c957e862849ae2f005d1f3b495c1c2e4de39f967c6b0e9bb2baf973aba49010",
-        "00327bf8a77d7f9210b9a909c8406a65f00061020cb697d15f2f85757f06f9ad"),
+        "125ab5b805012b2741029025223ed404e7bd0670f46121f03a82065619966eeb",
+        "12c9f33e3306a42743e764f646e7b706e3360e2d3be724e3ead8ae06038f3c61"),
 }
 
 
