@@ -220,10 +220,24 @@ def plan_prompts(policy, n, lengths):
     return rows
 
 
+def reply_logprobs(policy, prompt, replies, temperature):
+    """log P_T(reply | prompt) of each reply, scored token by token as it would be sampled at
+    temperature T (top_p 1), in one padded batch: a tensor [len(replies)], differentiable unless
+    called under torch.no_grad()."""
+    import torch
+
+    ids = [prompt + reply for reply in replies]
+    width = max(map(len, ids))
+    ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+    attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x)) for x in ids])
+    return policy.logprobs(ids_BT, attention_BT, loss_BT, temperature).sum(-1)
+
+
 def plan_preference(policy, rows, temperature):
     """The policy's share of the concurrent plan at each choice of plan_prompts:
     P_T(async reply) / (P_T(sync reply) + P_T(async reply)), each reply scored token by token as it
-    would be sampled at temperature T (top_p 1). The two replies differ only in the line that asks, so
+    would be sampled at temperature T (top_p 1). The two replies differ only in the lines that ask, so
     this is the policy's odds at that choice, exactly, where sampling whole rollouts measures it with
     the noise of a few dozen draws. The odds say nothing of whether the policy writes either program:
     the mass, P_T(sync reply) + P_T(async reply), does (1: it writes one of the two, token for token;
@@ -232,14 +246,8 @@ def plan_preference(policy, rows, temperature):
 
     out = []
     for level, length, prompt, sync, concurrent in rows:
-        ids = [prompt + sync, prompt + concurrent]
-        width = max(map(len, ids))
-        ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
-        attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x))
-                                for x in ids])
         with torch.no_grad():
-            logp_sync, logp_async = policy.logprobs(ids_BT, attention_BT, loss_BT, temperature).sum(-1).tolist()
+            logp_sync, logp_async = reply_logprobs(policy, prompt, [sync, concurrent], temperature).tolist()
         out.append((level, length, 1 / (1 + math.exp(logp_sync - logp_async)),
                     math.exp(logp_sync) + math.exp(logp_async)))
     return out
@@ -321,10 +329,6 @@ def sign_noise_mass(adapter, preset, lrs, n, temperature, path, seed=0):
     return masses
 
 
-# -----------------------------------------------------------------------------
-# The report: every figure with a 95% interval
-
-
 def sign_step_reach(policy, rows, temperature):
     """How far one update of Adam's first kind (every trainable weight moved by lr, the sign of its
     gradient) can move the policy's log-odds of the concurrent plan at each choice of plan_prompts:
@@ -337,17 +341,15 @@ def sign_step_reach(policy, rows, temperature):
     params = [p for p in policy.model.parameters() if p.requires_grad]
     out = []
     for level, length, prompt, sync, concurrent in rows:
-        ids = [prompt + sync, prompt + concurrent]
-        width = max(map(len, ids))
-        ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
-        attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x))
-                                for x in ids])
-        logp = policy.logprobs(ids_BT, attention_BT, loss_BT, temperature).sum(-1)
-        grads = torch.autograd.grad(logp[1] - logp[0], params, allow_unused=True)
-        norm = sum(g.abs().sum().item() for g in grads if g is not None)
-        out.append((level, length, (logp[1] - logp[0]).item(), norm))
+        logp_sync, logp_async = reply_logprobs(policy, prompt, [sync, concurrent], temperature)
+        log_odds = logp_async - logp_sync
+        grads = torch.autograd.grad(log_odds, params, allow_unused=True)
+        out.append((level, length, log_odds.item(), sum(g.abs().sum().item() for g in grads if g is not None)))
     return out
+
+
+# -----------------------------------------------------------------------------
+# The report: every figure with a 95% interval
 
 
 def bootstrap(values_by_rollout, stat, n=2000, seed=0):

@@ -339,11 +339,11 @@ def value_near(text, key):
 KEY_WORD = r"\w[\w.-]*\d\w*"  # a key: a word with a digit in it (amber-falcon-42, AmberFalcon42, amber.falcon.42)
 
 
-def value_code(key, rng, may_be_absent):
+def value_code(rng, may_be_absent):
     """value_near as REPL code, the key included: the query's longest word with a digit in it (code
     reads it from `query`, so no key is copied by hand: the student's copies of keys of unfamiliar
     shapes were its commonest mistake), its first line in the context, and on that line the longest
-    word with a digit in it, the key left out. `key` is unused: the code finds it."""
+    word with a digit in it, the key left out."""
     line, words = rng.choice(["line", "hit", "row"]), rng.choice(["words", "found", "vals"])
     find = (f"key = max(re.findall(r'{KEY_WORD}', query), key=len)\n"
             f"{line} = next((l for l in context.splitlines() if key in l), '')\n")
@@ -362,7 +362,7 @@ def failed(observation):
 def niah_turn(key, observations, strategy, rng, part=False):
     if strategy == "regex" or strategy not in STRATEGIES["niah"]:
         if not observations or part:
-            return code(rng, value_code(key, rng, may_be_absent=part), ("niah", "regex"))
+            return code(rng, value_code(rng, may_be_absent=part), ("niah", "regex"))
         strategy = "look"  # the one cell failed (no line held the key as written): read instead, never resubmit
     if strategy == "guess" and len(observations) == 1 and not failed(observations[0]):
         return final_reply(observations[0].strip(), rng)  # the usual frame it was: the cell printed the value

@@ -422,13 +422,8 @@ def test_a_sign_step_along_the_gradient_moves_the_plan_log_odds_by_lr_times_its_
     lr = 0.01 / norm
     params = [p for p in policy.model.parameters() if p.requires_grad]
     _, _, prompt, sync, concurrent = rows[0]
-    ids = [prompt + sync, prompt + concurrent]
-    width = max(map(len, ids))
-    ids_BT = torch.tensor([x + [0] * (width - len(x)) for x in ids])
-    attention_BT = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    loss_BT = torch.tensor([[0] * len(prompt) + [1] * (len(x) - len(prompt)) + [0] * (width - len(x)) for x in ids])
-    logp = policy.logprobs(ids_BT, attention_BT, loss_BT, 0.7).sum(-1)
-    grads = torch.autograd.grad(logp[1] - logp[0], params, allow_unused=True)
+    logp_sync, logp_async = recurse.reply_logprobs(policy, prompt, [sync, concurrent], 0.7)
+    grads = torch.autograd.grad(logp_async - logp_sync, params, allow_unused=True)
     with torch.no_grad():
         for p, g in zip(params, grads):
             if g is not None:
