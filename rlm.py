@@ -90,8 +90,8 @@ class SamplingPolicy(Protocol):
 # one for longer contexts and more sub-calls. reward.RewardConfig.for_rollouts sizes the reward's cost
 # and latency budgets from max_generated_tokens, so its penalties span their range on either preset.
 BUDGETS = {
-    "cpu": dict(max_depth=2, max_turns=2, max_new_tokens=160, max_sub_calls=8, max_generated_tokens=1024,
-                max_call_tokens=8192),  # a reply: the teacher's longest is about 150 tokens
+    "cpu": dict(max_depth=2, max_turns=2, max_new_tokens=256, max_sub_calls=8, max_generated_tokens=1024,
+                max_call_tokens=8192),  # a reply: the teacher's longest program is about 210 tokens
     "gpu": dict(max_depth=2, max_turns=4, max_new_tokens=256, max_sub_calls=16, max_generated_tokens=2048,
                 max_call_tokens=8192),
 }

@@ -439,8 +439,37 @@ def city_code(name, rng):
             f"FINAL(re.findall(r'[A-Z][a-z]+', {line}.replace({name}, ' '))[-1])")
 
 
+AGENT = r"Agent \w+ \w+"  # the chain's first name, as every multihop question gives it
+# The relations a question names: a word before " of " or after "'s " ("the contact of Agent X's
+# handler"), less the words that name the last hop ("the city of the safehouse of ...").
+RELATION_WORDS = r"\w+(?= of )|(?<='s )\w+"
+LAST_HOP_WORDS = ("city", "safehouse")
+NAME = r"[A-Z]\w+ [A-Z]\w+"  # PERSON, in fewer tokens
+
+
+def chain_code(rng):
+    """The regex strategy's program. The agent and the relations are read from `query` in code (the
+    student's copies of names and relations by hand were its commonest mistake); then the chain is
+    followed in the context, one hop per relation: the line with the current name and one of the
+    relations, taken out of `lines` so that the next hop cannot walk back, and the other person on
+    it. Order-free, so it reads a question that names the hops outside in ("the contact of X's
+    handler") or inside out ("X's handler's contact"). About 210 tokens."""
+    row, rels = rng.choice(["line", "row", "hit"]), rng.choice(["rels", "relations", "asked"])
+    return (f"lines = context.splitlines()\n"
+            f"name = re.search(r'{AGENT}', query)[0]\n"
+            f"{rels} = [w for w in re.findall(r\"{RELATION_WORDS}\", query) if w not in {LAST_HOP_WORDS!r}]\n"
+            f"for _ in {rels}:\n"
+            f"    {row} = next(l for l in lines if name in l and any(r in l for r in {rels}))\n"
+            f"    lines.remove({row})\n"
+            f"    name = re.findall(r'{NAME}', {row}.replace(name, ' '))[0]\n"
+            f"{row} = next(l for l in lines if name in l and 'safehouse' in l)\n"
+            f"FINAL(re.findall(r'[A-Z]\\w+', {row}.replace(name, ' '))[-1])")
+
+
 def chain_turn(agent, relations, observations, strategy, rng):
     rels = repr(relations)
+    if strategy == "regex" and observations:
+        strategy = "look"  # the one cell failed: read the lines hop by hop instead, never resubmit
     if strategy == "look":  # one hop per turn, reading each answer from what was printed
         name, seen = agent, "\n".join(observations)
         for rel in relations:
@@ -468,9 +497,7 @@ def chain_turn(agent, relations, observations, strategy, rng):
                          f"    {name} = rlm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\", context)\n"
                          f"city = rlm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\", "
                          f"context)\nFINAL(city)", ("multihop", "rlm_chain"))
-    hop = hop_code("name", "rel", rng).replace("\n", "\n    ")
-    return code(rng, f"name = {agent!r}\nfor rel in {rels}:\n    {hop}\n" + city_code("name", rng),
-                ("multihop", "regex"))
+    return code(rng, chain_code(rng), ("multihop", "regex"))
 
 
 def records_job(query):

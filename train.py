@@ -99,7 +99,7 @@ skip_unsolved = True  # a group with no correct rollout teaches nothing (cost pi
 # rollouts: rlm.BUDGETS["cpu"] (GPU_SIZED takes BUDGETS["gpu"]'s), one source for every script
 max_depth = BUDGETS["cpu"]["max_depth"]  # deepest recursion (root = 0)
 max_turns = BUDGETS["cpu"]["max_turns"]  # turns per RLM call before the final "answer now" turn
-max_new_tokens = BUDGETS["cpu"]["max_new_tokens"]  # per reply (the teacher's longest is about 150 tokens)
+max_new_tokens = BUDGETS["cpu"]["max_new_tokens"]  # per reply (the teacher's longest is about 210 tokens)
 max_sub_calls = BUDGETS["cpu"]["max_sub_calls"]  # per rollout
 max_generated_tokens = BUDGETS["cpu"]["max_generated_tokens"]  # per rollout, the whole tree; the loss's norm
 max_call_sub_calls = 0  # sub-calls one call may start (0 = no limit); with max_prompt_chars, why tally needs depth

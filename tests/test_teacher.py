@@ -15,7 +15,7 @@ from rlm import system_prompt
 import teacher
 from teacher import STRATEGIES, TeacherPolicy, demonstrate, make_demonstrations
 
-SETTINGS = dict(max_turns=2, max_new_tokens=160, max_generated_tokens=1024, max_sub_calls=8)
+SETTINGS = dict(max_turns=2, max_new_tokens=256, max_generated_tokens=1024, max_sub_calls=8)
 # tally runs under per-call limits of its own: tests/test_recursion.py tests its strategies.
 CASES = [(family, strategy) for family, strategies in STRATEGIES.items() for strategy in strategies
          if family != "tally"]
@@ -269,3 +269,43 @@ def test_after_its_one_cell_failed_the_regex_teacher_reads_instead_of_resubmitti
     line = next(ln for ln in task.context.splitlines() if key in ln)
     answered = teacher.reply(failed + [("assistant", second), ("user", line)], "regex", random.Random(0))
     assert task.answer in answered and "FINAL" in answered
+
+
+def _run_cell(code, query, context):
+    """FINAL's value of one teacher cell run in the real REPL, with `query` set as an RLM sets it."""
+    from repl import REPL
+
+    async def go():
+        async with REPL(context, handler=None, timeout=60.0, setup=f"import re\nquery = {query!r}") as repl:
+            observation = await repl.execute(code)
+            return repl.answer, observation
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("asked", [
+    "Tell me where the courier of the contact of {agent}'s handler has a safehouse.",   # outside in
+    "{agent}'s handler's contact's courier: which city is their safehouse in?",          # inside out
+])
+def test_the_multihop_program_reads_the_chain_from_the_question(tiny_policy, asked):
+    """The regex program copies no name or relation from the question: it reads them from `query`
+    in code, so the same cell answers a question in a phrasing that no template has, the hops named
+    in either order."""
+    task = make_task("multihop", 30_000, seed=21, hops=4)
+    agent = re.search(teacher.AGENT, task.query)[0]
+    start = [("system", system_prompt(True, True)), ("user", f"Query: {task.query}\n\nThe context is ...")]
+    cell = re.search(r"```repl\n(.*?)```", teacher.reply(start, "regex", random.Random(3)), re.S).group(1)
+    assert agent not in cell and "courier" not in cell
+    answer, observation = _run_cell(cell, asked.format(agent=agent), task.context)
+    assert answer == task.answer, observation
+
+
+def test_after_its_one_cell_failed_the_multihop_regex_teacher_reads_instead():
+    """If the chain program raised (a relation worded otherwise in the context), the next cell is
+    different: the lines about the agent printed, as look does."""
+    task = make_task("multihop", 8000, seed=7)
+    agent = re.search(teacher.AGENT, task.query)[0]
+    start = [("system", system_prompt(True, True)), ("user", f"Query: {task.query}\n\nThe context is ...")]
+    first = teacher.reply(start, "regex", random.Random(0))
+    failed = start + [("assistant", first), ("user", "StopIteration")]
+    second = teacher.reply(failed, "regex", random.Random(0))
+    assert "FINAL" not in second and second != first and f"{agent!r} in" in second
