@@ -685,7 +685,9 @@ def source_turn(query, observations, strategy, rng):
         return final_reply(NOT_FOUND, rng)
     kind, name, param = asked
     if strategy == "parse" or strategy not in SOURCE_STRATEGIES:
-        return code(rng, signature_parse_code(kind, name, param, rng), ("source", "parse"))
+        if not observations:
+            return code(rng, signature_parse_code(kind, rng), ("source", "parse"))
+        strategy = "recover"  # its one cell failed: print the def line and answer from it, never resubmit
     if strategy == "look":
         if not observations:
             return code(rng, print_signature_code(name, rng), ("source", "look"))
@@ -707,16 +709,25 @@ def print_signature_code(name, rng):
     return f"{at} = context.find('def {name}(')\nprint(context[{at}:{at} + {rng.choice([320, 400])}])"
 
 
-def signature_parse_code(kind, name, param, rng):
-    """Code that reads the signature with two regexes: up to the first ")" then ":" (or "-> type:"),
-    then cut at the commas that no bracket encloses."""
+def signature_parse_code(kind, rng):
+    """Code that reads the function's name from `query` rather than a copy by hand: the first word of
+    the question that the context defines once, at the top level, as every source question's
+    function is (the question's own words, "name" or "value", are defined in long contexts too,
+    mostly as methods or more than once: this rule picks the asked function in 238 of 240 tasks
+    of 128,000-512,000 characters, the first word defined anywhere in 223), then its signature with two regexes (up
+    to the first ")" then ":" or "-> type:"), cut at the commas that no bracket encloses. A default
+    question's parameter is read from `query` too: its first word that names a parameter with a
+    default."""
     sig, ps = rng.choice(["sig", "signature", "s"]), rng.choice(["ps", "parts", "pieces"])
-    walk = (f"{sig} = re.search(r\"def {name}\\((.*?)\\)(?: ->[^:\\n]*)?:\", context, re.S)[1]\n"
-            f"{ps} = re.split(r\",(?![^(\\[{{]*[)\\]}}])\", {sig})\n")
-    if kind == "default":
-        return walk + f"FINAL(next(x.split('=', 1)[1] for x in {ps} if re.match(r'\\W*{param}\\b', x)).strip())"
     names = rng.choice(["names", "params"])
-    walk += f"{names} = [re.match(r'\\W*(\\w+)', x)[1] for x in {ps} if re.search(r'\\w', x)]\n"
+    walk = ("name = next(w for w in re.findall(r'\\w+', query)\n"
+            "            if context.count(f'def {w}(') == 1 and re.search(rf'^(async )?def {w}\\(', context, re.M))\n"
+            f"{sig} = re.search(r\"\\((.*?)\\)(?: ->[^:\\n]*)?:\", context[context.find(f'def {{name}}('):], re.S)[1]\n"
+            f"{ps} = [x for x in re.split(r\",(?![^(\\[{{]*[)\\]}}])\", {sig}) if re.search(r'\\w', x)]\n"
+            f"{names} = [re.match(r'\\W*(\\w+)', x)[1] for x in {ps}]\n")
+    if kind == "default":
+        return walk + (f"defaults = {{n: x.split('=', 1)[1].strip() for n, x in zip({names}, {ps}) if '=' in x}}\n"
+                       f"FINAL(next(defaults[w] for w in re.findall(r'\\w+', query) if w in defaults))")
     return walk + {"first_param": f"FINAL({names}[0])", "n_params": f"FINAL(len({names}))",
                    "params": f"FINAL({names})"}[kind]
 

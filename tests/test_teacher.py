@@ -309,3 +309,29 @@ def test_after_its_one_cell_failed_the_multihop_regex_teacher_reads_instead():
     failed = start + [("assistant", first), ("user", "StopIteration")]
     second = teacher.reply(failed, "regex", random.Random(0))
     assert "FINAL" not in second and second != first and f"{agent!r} in" in second
+
+
+@pytest.mark.parametrize("question, asked", [
+    ("first_param", "Whatever `{name}` is for, which identifier heads its parameter list?"),
+    ("default", "Suppose {param} is left out of a call to {name}. Its value, as the source spells it?"),
+])
+def test_the_source_program_reads_the_function_from_the_question(tiny_policy, question, asked):
+    """parse copies no function or parameter name from the question: its cell reads them from
+    `query`, so it answers a phrasing that no template has."""
+    task = make_task("source", 30_000, seed=5, question=question)
+    kind, name, param = teacher.parse_source_query(task.query)
+    start = [("system", system_prompt(True, True)), ("user", f"Query: {task.query}\n\nThe context is ...")]
+    cell = re.search(r"```repl\n(.*?)```", teacher.reply(start, "parse", random.Random(2)), re.S).group(1)
+    assert name not in cell and (param is None or param not in cell)
+    answer, observation = _run_cell(cell, asked.format(name=name, param=param), task.context)
+    assert answer == str(task.answer), observation
+
+
+def test_after_its_one_cell_failed_the_source_parse_teacher_looks_instead():
+    task = make_task("source", 8000, seed=7)
+    _, name, _ = teacher.parse_source_query(task.query)
+    start = [("system", system_prompt(True, True)), ("user", f"Query: {task.query}\n\nThe context is ...")]
+    first = teacher.reply(start, "parse", random.Random(0))
+    failed = start + [("assistant", first), ("user", "StopIteration")]
+    second = teacher.reply(failed, "parse", random.Random(0))
+    assert "FINAL" not in second and second != first and f"def {name}(" in second
