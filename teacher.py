@@ -25,7 +25,7 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
             window       find the key, llm_query a window around it
             split_async  split in halves, rlm_query both concurrently (asyncio.gather)
             split_sync   the same halves, one rlm_query after the other     (slowest)
-  multihop  regex        follow the chain in code, one search per hop, in one turn (cheapest)
+  multihop  regex        the agent and relations read from query, the chain followed in code (cheapest)
             look         print the lines about each name, one turn per hop
             llm_chain    llm_query each hop on the lines about the current name
             rlm_chain    rlm_query each hop on the whole context             (dearest)
