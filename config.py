@@ -32,8 +32,8 @@ RUN_OUTPUTS = LOGS + ("eval_before.html", "eval_after.html", "curves.png", "adap
 # What --resume lets a flag change: how long the run goes on, what it logs and where, and how the same
 # update is computed. micro_batch_tokens only regroups the rows, the same sum in exact arithmetic (the
 # loss's norm is a constant) but added up in another order, so the last bits of the weights may differ.
-CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "keep_adapters", "eval_n",
-                        "eval_lengths", "eval_wordings", "micro_batch_tokens", "gradient_checkpointing"}
+CHANGEABLE_ON_RESUME = {"resume", "overwrite", "out_dir", "steps", "checkpoint_every", "keep_adapters", "all_samples",
+                        "eval_n", "eval_lengths", "eval_wordings", "micro_batch_tokens", "gradient_checkpointing"}
 
 
 

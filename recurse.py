@@ -145,7 +145,8 @@ def run_flags(preset):
             "warm-mix": {**flags, **MIX, "steps": 0, "init_adapter": "{out_dir}/warm-drills/adapter"},
             "warm-labels": {**flags, **LABELS, "steps": 0, "init_adapter": "{out_dir}/warm-mix/adapter"},
             "warm": {**flags, **ROOTS, "steps": 0, "init_adapter": "{out_dir}/warm-labels/adapter"}}
-    rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter", "keep_adapters": True}
+    rl = {**flags, "warm_demos": 0, "warm_drills": 0, "init_adapter": "{out_dir}/warm/adapter", "keep_adapters": True,
+          "all_samples": True}
     for arm, weights in ARMS.items():
         for seed in preset["seeds"]:
             runs[f"{arm}-s{seed}"] = {**rl, **weights, "seed": seed}

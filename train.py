@@ -27,7 +27,7 @@ The run, top to bottom:
     evaluate held-out tasks again (after), print both with the strategy profile, draw the curves
 
 Everything lands in --out_dir: metrics.jsonl (one line a step, "phase" warm or rl),
-samples.jsonl (one rollout per task per RL step), eval.jsonl, eval_before.html and
+samples.jsonl (one rollout per task per RL step, or all with --all_samples), eval.jsonl, eval_before.html and
 eval_after.html (python view.py pages), curves.png, adapter/ (PEFT format) and checkpoint/;
 the two folders are written whole or not at all, and --resume cuts the logs back to the
 checkpoint. Every default below is a plain value; override any of them as --name value.
@@ -129,6 +129,7 @@ lora_alpha = 32
 # bookkeeping
 checkpoint_every = 4  # steps (warm start and RL) between checkpoints, and one at the end (0 = only that one)
 keep_adapters = False  # also keep each checkpoint's adapter, in out_dir/steps/step-N (to compare steps)
+all_samples = False  # samples.jsonl keeps every rollout of a step, not one per task (which plans RL reinforced)
 eval_every = 2  # RL steps between curriculum evaluations (0 = none; before and after always run)
 eval_n = 4  # held-out tasks per family and length in an evaluation (0 = no evaluation)
 eval_lengths = "32000"  # lengths of the before/after evaluation
@@ -301,7 +302,8 @@ def run(argv, device):
         log.write(json.dumps(metrics) + "\n")
         log.flush()
         if rollouts and dist.is_main():
-            write_jsonl(rollouts[:: cfg["group_size"]], os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
+            kept = rollouts if cfg["all_samples"] else rollouts[:: cfg["group_size"]]
+            write_jsonl(kept, os.path.join(cfg["out_dir"], "samples.jsonl"), mode="a")
         done = metrics["step"]
 
     def checkpoint():

@@ -170,6 +170,16 @@ def test_train_runs_end_to_end(whole_run):
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # it trained
     assert sorted(os.listdir(whole_run)) == ["adapter", "checkpoint", "curves.png", "eval.jsonl", "eval_after.html",
                                              "eval_before.html", "metrics.jsonl", "samples.jsonl"]
+    samples = [json.loads(line) for line in open(os.path.join(whole_run, "samples.jsonl"))]
+    assert len(samples) == 2  # one rollout per task per RL step: 1 task a step, 2 steps
+
+
+def test_all_samples_keeps_every_rollout_of_a_step(tiny_model_dir, tmp_path):
+    """--all_samples writes every rollout of a group (here 2), to see which plans a step reinforced."""
+    train.main(TINY_RUN + ["--model", tiny_model_dir, "--out_dir", str(tmp_path), "--warm_demos", "0",
+                           "--steps", "1", "--all_samples"])
+    samples = [json.loads(line) for line in open(os.path.join(tmp_path, "samples.jsonl"))]
+    assert len(samples) == 2 and samples[0]["query"] == samples[1]["query"]
 
 
 class Killed(BaseException):
