@@ -29,6 +29,9 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
             look         print the lines about each name, one turn per hop
             llm_chain    llm_query each hop on the lines about the current name
             rlm_chain    rlm_query each hop on the whole context             (dearest)
+            slip         regex's program with one slip in it, then, after its error, the chain
+                         again with the names copied from the question (recovery; the slipped
+                         reply is not learned: forget_first_reply)
   aggregate halves       two halves of the records, llm_query both at once  (fewest calls)
   and pairs chunks_async four chunks of records, llm_query all four at once
             chunks_sync  the same four chunks, one llm_query after the other
@@ -79,10 +82,11 @@ from tasks import (AGGREGATE_TEXTS, MULTIHOP_QUESTIONS, NIAH_QUESTIONS, TALLY_QU
 
 RECORD_STRATEGIES = ("halves", "chunks_async", "chunks_sync", "rlm_halves")
 STRATEGIES = {"niah": ("regex", "look", "guess", "window", "split_async", "split_sync"),
-              "multihop": ("regex", "look", "llm_chain", "rlm_chain"),
+              "multihop": ("regex", "look", "llm_chain", "rlm_chain", "slip"),
               "aggregate": RECORD_STRATEGIES,
               "pairs": RECORD_STRATEGIES}
 NOT_FOUND = "not found"
+SLIP_STRATEGIES = ("slip",)  # their first reply is a slip that demonstrate() keeps out of training
 PART_NOTE = " It may not be in this part: then answer 'not found'."  # added to a child's query by split_*
 RLM_SYSTEM_START = system_prompt(False, False).split(".")[0]  # how every RLM call's system prompt begins
 
@@ -466,10 +470,56 @@ def chain_code(rng):
             f"FINAL(re.findall(r'[A-Z]\\w+', {row}.replace(name, ' '))[-1])")
 
 
+def copied_chain_code(agent, relations, rng):
+    """A second way to follow the chain, for after chain_code failed: the agent and the relations
+    copied from the question, in the chain's order, one hop per relation (it may walk back where a
+    relation word repeats; the first program may not, but it has just failed)."""
+    row = rng.choice(["line", "row", "hit"])
+    return (f"name = {agent!r}\n"
+            f"for rel in {relations!r}:\n"
+            f"    {row} = next(l for l in context.splitlines() if name in l and rel in l)\n"
+            f"    name = re.findall(r'{PERSON}', {row}.replace(name, ' '))[0]\n" + city_code("name", rng))
+
+
+def slipped(program, rng):
+    """program with one mistake of the kind a sampled student makes, certain to raise: a bracket
+    lost at the end of a line (SyntaxError), or a variable of the last line misspelt (NameError).
+    The slip strategies open with one, to show what comes after a failed cell."""
+    lines = program.split("\n")
+    names = [v for v in dict.fromkeys(re.findall(r"^(\w+) = ", program, re.M))
+             if re.search(rf"\b{v}\b", lines[-1]) and len(v) > 2]
+    if names and rng.random() < 0.5:
+        name = rng.choice(names)
+        typo = name[0] + name[2] + name[1] + name[3:] if name[1] != name[2] else name[:-1]
+        if not re.search(rf"\b{typo}\b", program):
+            lines[-1] = re.sub(rf"\b{name}\b", typo, lines[-1], count=1)
+            return "\n".join(lines)
+    closing = [i for i, line in enumerate(lines) if line.endswith(")")]
+    i = rng.choice(closing)
+    lines[i] = lines[i][:-1]
+    return "\n".join(lines)
+
+
+def forget_first_reply(rollout):
+    """Mark the root's first reply as not sampled, so that training on the demonstration does not
+    teach it (the slip), only what follows it; the trace keeps its tokens as context."""
+    mask = rollout.calls[0].sampled_mask
+    start = mask.index(1)
+    end = next((i for i in range(start, len(mask)) if not mask[i]), len(mask))
+    mask[start:end] = [0] * (end - start)
+
+
 def chain_turn(agent, relations, observations, strategy, rng):
     rels = repr(relations)
-    if strategy == "regex" and observations:
-        strategy = "look"  # the one cell failed: read the lines hop by hop instead, never resubmit
+    if strategy not in STRATEGIES["multihop"]:
+        strategy = "regex"
+    if strategy in ("regex", "slip"):
+        if not observations:
+            program = chain_code(rng)
+            return code(rng, slipped(program, rng) if strategy == "slip" else program, ("multihop", "regex"))
+        if len(observations) == 1:  # the program failed: the chain again, another way; never resubmit
+            return code(rng, copied_chain_code(agent, relations, rng))
+        strategy = "look"  # that failed too: read the lines
     if strategy == "look":  # one hop per turn, reading each answer from what was printed
         name, seen = agent, "\n".join(observations)
         for rel in relations:
@@ -497,7 +547,7 @@ def chain_turn(agent, relations, observations, strategy, rng):
                          f"    {name} = rlm_query(f\"Who is {{{name}}}'s {{rel}}? Answer with the name only.\", context)\n"
                          f"city = rlm_query(f\"In which city is {{{name}}}'s safehouse? Answer with the city only.\", "
                          f"context)\nFINAL(city)", ("multihop", "rlm_chain"))
-    return code(rng, chain_code(rng), ("multihop", "regex"))
+    raise AssertionError(strategy)  # every strategy of multihop is handled above
 
 
 def records_job(query):
@@ -578,7 +628,12 @@ async def demonstrate(policy, task, strategy, rlm_settings, seed):
     """One rollout of `task` with the teacher in the policy's place."""
     rlm = RLM(Batcher(TeacherPolicy(policy, strategy), gather_window=0.0), **rlm_settings)
     rollout = await rlm.run(task.query, task.context, seed=seed)
-    return Demonstration(task.family, len(task.context), task.seed, strategy, score(task, rollout.answer), rollout)
+    correctness = score(task, rollout.answer)
+    if strategy in SLIP_STRATEGIES:  # only the recovery is learned, and only after a cell that failed
+        root = rollout.calls[0]
+        correctness *= len(root.turns) > 1 and failed(root.turns[0]["observation"])
+        forget_first_reply(rollout)
+    return Demonstration(task.family, len(task.context), task.seed, strategy, correctness, rollout)
 
 
 async def _demonstrate_all(policy, jobs, rlm_settings, max_concurrent):

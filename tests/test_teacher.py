@@ -299,16 +299,37 @@ def test_the_multihop_program_reads_the_chain_from_the_question(tiny_policy, ask
     assert answer == task.answer, observation
 
 
-def test_after_its_one_cell_failed_the_multihop_regex_teacher_reads_instead():
+def test_after_its_one_cell_failed_the_multihop_regex_teacher_tries_another_way():
     """If the chain program raised (a relation worded otherwise in the context), the next cell is
-    different: the lines about the agent printed, as look does."""
+    different: the chain followed again with the names copied from the question, which fits in the
+    one turn left under the CPU budgets."""
     task = make_task("multihop", 8000, seed=7)
     agent = re.search(teacher.AGENT, task.query)[0]
     start = [("system", system_prompt(True, True)), ("user", f"Query: {task.query}\n\nThe context is ...")]
     first = teacher.reply(start, "regex", random.Random(0))
     failed = start + [("assistant", first), ("user", "StopIteration")]
     second = teacher.reply(failed, "regex", random.Random(0))
-    assert "FINAL" not in second and second != first and f"{agent!r} in" in second
+    assert second != first and f"name = {agent!r}" in second and agent not in first
+    answer, observation = _run_cell(re.search(r"```repl\n(.*?)```", second, re.S).group(1), task.query, task.context)
+    assert answer == task.answer, observation
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_slip_demonstration_teaches_the_recovery_and_not_the_slip(tiny_policy, seed):
+    """slip opens with the program and one mistake in it, certain to raise; the next cell is
+    different and answers. The slipped reply stays in the trace as context, but no token of it is
+    marked sampled, so training (grpo.build_rows) learns only the recovery."""
+    task = make_task("multihop", 8000, seed=40 + seed)
+    demo = run(tiny_policy, task, "slip", seed)
+    root = demo.rollout.calls[0]
+    assert demo.correctness == 1.0 and len(root.turns) == 2
+    assert teacher.failed(root.turns[0]["observation"]) and not _same(root.turns[0], root.turns[1])
+    learned = tiny_policy.decode([t for t, m in zip(root.token_ids, root.sampled_mask) if m])
+    assert root.turns[1]["code"][0].strip() in learned and "plan:" not in learned
+
+
+def _same(turn, other):
+    return " ".join(turn["code"]).split() == " ".join(other["code"]).split()
 
 
 @pytest.mark.parametrize("question, asked", [
