@@ -407,7 +407,7 @@ def niah_turn(key, observations, strategy, rng, part=False):
     return code(rng, split + ask + pick_found("answers", rng), plan)
 
 
-PERSON = r"[A-Z][a-z]+ [A-Z][a-z]+"   # a capitalised pair: every name of a chain; no frame word is one
+PERSON = r"[A-Z]\w+ [A-Z]\w+"   # a capitalised pair: every name of a chain; no frame word is one
 # A printed list (print([...])) puts several lines on one: a reader takes its items apart.
 ITEM_BREAK = re.compile(r"\n|['\"], ['\"]")
 
@@ -425,7 +425,7 @@ def city_of(text, name):
     """A reader's last hop: on the first line with the name and "safehouse", the last capitalised
     word (the name left out): "The safehouse of X is located in Quito.", "Quito is where X hides"."""
     line = next((ln for ln in ITEM_BREAK.split(text) if name in ln and "safehouse" in ln), None)
-    words = re.findall(r"[A-Z][a-z]+", line.replace(name, " ")) if line is not None else []
+    words = re.findall(r"[A-Z]\w+", line.replace(name, " ")) if line is not None else []
     return words[-1] if words else None
 
 
@@ -436,11 +436,12 @@ def hop_code(name, relation, rng):
             f"name = re.findall(r'{PERSON}', {line}.replace({name}, ' '))[0]")
 
 
-def city_code(name, rng):
-    """city_of as REPL code, FINAL included."""
-    line = rng.choice(["line", "row", "hit"])
-    return (f"{line} = next(l for l in context.splitlines() if {name} in l and 'safehouse' in l)\n"
-            f"FINAL(re.findall(r'[A-Z][a-z]+', {line}.replace({name}, ' '))[-1])")
+def city_code(name, rng, lines="context.splitlines()", line=None):
+    """city_of as REPL code, FINAL included: in `lines` (an expression), the line with the name and
+    "safehouse", into the variable `line` (a random name unless given)."""
+    line = line or rng.choice(["line", "row", "hit"])
+    return (f"{line} = next(l for l in {lines} if {name} in l and 'safehouse' in l)\n"
+            f"FINAL(re.findall(r'[A-Z]\\w+', {line}.replace({name}, ' '))[-1])")
 
 
 AGENT = r"Agent \w+ \w+"  # the chain's first name, as every multihop question gives it
@@ -448,7 +449,6 @@ AGENT = r"Agent \w+ \w+"  # the chain's first name, as every multihop question g
 # handler"), less the words that name the last hop ("the city of the safehouse of ...").
 RELATION_WORDS = r"\w+(?= of )|(?<='s )\w+"
 LAST_HOP_WORDS = ("city", "safehouse")
-NAME = r"[A-Z]\w+ [A-Z]\w+"  # PERSON, in fewer tokens
 
 
 def chain_code(rng):
@@ -465,9 +465,8 @@ def chain_code(rng):
             f"for _ in {rels}:\n"
             f"    {row} = next(l for l in lines if name in l and any(r in l for r in {rels}))\n"
             f"    lines.remove({row})\n"
-            f"    name = re.findall(r'{NAME}', {row}.replace(name, ' '))[0]\n"
-            f"{row} = next(l for l in lines if name in l and 'safehouse' in l)\n"
-            f"FINAL(re.findall(r'[A-Z]\\w+', {row}.replace(name, ' '))[-1])")
+            f"    name = re.findall(r'{PERSON}', {row}.replace(name, ' '))[0]\n"
+            + city_code("name", rng, lines="lines", line=row))
 
 
 def copied_chain_code(agent, relations, rng):
