@@ -473,11 +473,8 @@ def copied_chain_code(agent, relations, rng):
     """A second way to follow the chain, for after chain_code failed: the agent and the relations
     copied from the question, in the chain's order, one hop per relation (it may walk back where a
     relation word repeats; the first program may not, but it has just failed)."""
-    row = rng.choice(["line", "row", "hit"])
-    return (f"name = {agent!r}\n"
-            f"for rel in {relations!r}:\n"
-            f"    {row} = next(l for l in context.splitlines() if name in l and rel in l)\n"
-            f"    name = re.findall(r'{PERSON}', {row}.replace(name, ' '))[0]\n" + city_code("name", rng))
+    hop = hop_code("name", "rel", rng).replace("\n", "\n    ")
+    return f"name = {agent!r}\nfor rel in {relations!r}:\n    {hop}\n" + city_code("name", rng)
 
 
 def slipped(program, rng):

@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from eval import _same_code  # what eval.py counts as the same code after a failed cell
 from reward import RewardConfig, compute_reward
 from tasks import AGGREGATE_TEXTS, make_task
 from rlm import system_prompt
@@ -323,13 +324,9 @@ def test_a_slip_demonstration_teaches_the_recovery_and_not_the_slip(tiny_policy,
     demo = run(tiny_policy, task, "slip", seed)
     root = demo.rollout.calls[0]
     assert demo.correctness == 1.0 and len(root.turns) == 2
-    assert teacher.failed(root.turns[0]["observation"]) and not _same(root.turns[0], root.turns[1])
+    assert teacher.failed(root.turns[0]["observation"]) and not _same_code(root.turns[0], root.turns[1])
     learned = tiny_policy.decode([t for t, m in zip(root.token_ids, root.sampled_mask) if m])
     assert root.turns[1]["code"][0].strip() in learned and "plan:" not in learned
-
-
-def _same(turn, other):
-    return " ".join(turn["code"]).split() == " ".join(other["code"]).split()
 
 
 @pytest.mark.parametrize("question, asked", [
