@@ -716,12 +716,15 @@ def main(argv=None):
 #   parse    cut the signature at top-level commas in the REPL, FINAL in one turn   (cheapest)
 #   recover  a narrow one-line regex first; after its error, print the 400 characters from
 #            `def NAME(` and answer from them, as look does (never the failed cell again)
+#   slip     parse's program with one slip in it (slipped), then, after its error, parse's own
+#            fallback: print from `def NAME(` and answer from what was printed. The slipped reply
+#            is context, not taught (forget_first_reply): the student learns the recovery
 #
 # The REPL may not import ast, so `parse` reads the signature with regexes, as
 # realtext.read_signature does (source tasks only ask about signatures these read as ast does);
 # the teacher itself reads printed signatures with ast, as a model reads code.
 
-SOURCE_STRATEGIES = ("look", "parse", "recover")
+SOURCE_STRATEGIES = ("look", "parse", "recover", "slip")
 PLANS.update({
     ("source", "look"): ("print the signature, then answer", "look at the def line first"),
     ("source", "parse"): ("split the signature at top-level commas", "parse the def line in code"),
@@ -735,9 +738,10 @@ def source_turn(query, observations, strategy, rng):
     if asked is None:
         return final_reply(NOT_FOUND, rng)
     kind, name, param = asked
-    if strategy == "parse" or strategy not in SOURCE_STRATEGIES:
+    if strategy in ("parse", "slip") or strategy not in SOURCE_STRATEGIES:
         if not observations:
-            return code(rng, signature_parse_code(kind, rng), ("source", "parse"))
+            program = signature_parse_code(kind, rng)
+            return code(rng, slipped(program, rng) if strategy == "slip" else program, ("source", "parse"))
         strategy = "recover"  # its one cell failed: print the def line and answer from it, never resubmit
     if strategy == "look":
         if not observations:

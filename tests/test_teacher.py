@@ -315,18 +315,21 @@ def test_after_its_one_cell_failed_the_multihop_regex_teacher_tries_another_way(
     assert answer == task.answer, observation
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_a_slip_demonstration_teaches_the_recovery_and_not_the_slip(tiny_policy, seed):
-    """slip opens with the program and one mistake in it, certain to raise; the next cell is
-    different and answers. The slipped reply stays in the trace as context, but no token of it is
+@pytest.mark.parametrize("family, seed", [("multihop", s) for s in range(6)] + [("source", s) for s in range(6)])
+def test_a_slip_demonstration_teaches_the_recovery_and_not_the_slip(tiny_policy, family, seed):
+    """slip opens with the program and one mistake in it, certain to raise; every later cell is
+    different and the rollout answers right (multihop in one more cell; source prints the def line,
+    then answers from it). The slipped reply stays in the trace as context, but no token of it is
     marked sampled, so training (grpo.build_rows) learns only the recovery."""
-    task = make_task("multihop", 8000, seed=40 + seed)
+    task = make_task(family, 8000, seed=40 + seed)
     demo = run(tiny_policy, task, "slip", seed)
     root = demo.rollout.calls[0]
-    assert demo.correctness == 1.0 and len(root.turns) == 2
-    assert teacher.failed(root.turns[0]["observation"]) and not _same_code(root.turns[0], root.turns[1])
+    assert demo.correctness == 1.0 and len(root.turns) == {"multihop": 2, "source": 3}[family]
+    assert teacher.failed(root.turns[0]["observation"])
+    assert not any(_same_code(root.turns[0], later) for later in root.turns[1:])
     learned = tiny_policy.decode([t for t, m in zip(root.token_ids, root.sampled_mask) if m])
     assert root.turns[1]["code"][0].strip() in learned and "plan:" not in learned
+    assert root.turns[0]["code"][0].strip().splitlines()[0] not in learned
 
 
 @pytest.mark.parametrize("question, asked", [
