@@ -39,7 +39,7 @@ Strategies differ on purpose in cost and latency, so that RL has something to ch
   tally     sync         label pieces of 6 notes by llm_query one after another; past one
                          level (24 notes), a child RLM per part of 24, one after another
             async        the same, all at once (llm_query_batched, asyncio.gather)
-  source    look, parse, recover (see the source section at the end)
+  source    look, parse, recover, slip (see the source section at the end)
 
 HABITS is the warm start of the recursion experiment (recurse.py): per family, the original
 RLM's habit (sync sub-calls; recursion where code suffices) as 80% of the demonstrations and
