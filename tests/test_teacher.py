@@ -220,15 +220,6 @@ def test_make_demonstrations_is_balanced_and_only_keeps_correct_ones(tiny_policy
     assert all(d.correctness == 1.0 for d in demos)
 
 
-def test_source_demonstrations_ask_every_kind_of_question_at_every_length(tiny_policy):
-    """Drawn freely, a short context seldom has a default to ask about; the demonstrations take
-    the kinds in turn, so each kind is shown at each length (the student learns only what it sees)."""
-    demos = make_demonstrations(tiny_policy, ["source"], [2000, 8000], per_strategy=6, seed=3,
-                                rlm_settings=SETTINGS, only={("source", "parse")})
-    kinds = {(d.length, teacher.parse_source_query(d.rollout.query)[0]) for d in demos}
-    assert kinds == {(length, kind) for length in (2000, 8000) for kind in ("first_param", "n_params", "default")}
-
-
 def test_a_budget_too_small_for_a_strategy_is_reported(tiny_policy):
     with pytest.raises(RuntimeError, match="raise the rollout budgets"):
         make_demonstrations(tiny_policy, ["niah"], [2000], per_strategy=1,
