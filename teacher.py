@@ -75,7 +75,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from realtext import DEFAULT_QUESTIONS as SOURCE_QUESTIONS, parse_source_query
+from realtext import parse_source_query
 from rlm import BUDGETS, RLM, Batcher, default_budgets, system_prompt
 from tasks import (AGGREGATE_TEXTS, MULTIHOP_QUESTIONS, NIAH_QUESTIONS, TALLY_QUESTIONS, TOPIC_OF, make_task, score,
                    task_seed)
@@ -662,13 +662,7 @@ def make_demonstrations(policy, families, lengths, per_strategy, seed=0, rlm_set
                 jobs = []
                 for k in range(attempt, attempt + need):
                     length = lengths[k % len(lengths)]
-                    # source: each kind of question in turn. Drawn freely, a short context seldom has
-                    # a default to ask about (1 default question in 32 demonstrations at 2,000 and
-                    # 8,000 characters), and the student never learnt to answer one.
-                    variant = {"question": SOURCE_QUESTIONS[(k // len(lengths)) % len(SOURCE_QUESTIONS)]} \
-                        if family == "source" else {}
-                    task = make_task(family, length, seed=task_seed("demo", family, length, f"{seed}/{s_index}/{k}"),
-                                     **variant)
+                    task = make_task(family, length, seed=task_seed("demo", family, length, f"{seed}/{s_index}/{k}"))
                     jobs.append((task, strategy, task.seed))
                 attempt += need
                 results = asyncio.run(_demonstrate_all(policy, jobs, rlm_settings, max_concurrent))
