@@ -51,7 +51,7 @@ VALID = dict(
     eps_high="at least 0", beta="at least 0", lora_rank="at least 1", lora_alpha="greater than 0",
     checkpoint_every="at least 0", eval_every="at least 0", eval_n="at least 0",
     max_call_sub_calls="at least 0 (0: no limit)", max_prompt_chars="at least 0 (0: no limit)",
-    train_calls="all, rlm or root", lengths="at least 1000 each", warm_lengths="at least 1000 each",
+    train_calls="all, rlm or root", optimizer="adamw or sgd", lengths="at least 1000 each", warm_lengths="at least 1000 each",
     eval_lengths="at least 1000 each")
 
 
@@ -118,6 +118,8 @@ def check_config(cfg):
     unknown = [f for f in cfg["families"].split(",") if f not in FAMILIES]
     if unknown:
         problems.append(f"unknown task families {unknown}; choose from {','.join(FAMILIES)}")
+    if cfg.get("optimizer", "adamw") not in ("adamw", "sgd"):
+        problems.append(f"--optimizer must be adamw or sgd (got {cfg['optimizer']!r})")
     if cfg.get("train_calls", "all") not in TRAIN_CALLS:
         problems.append(f"--train_calls must be one of {', '.join(TRAIN_CALLS)} (got {cfg['train_calls']!r})")
     if cfg.get("warm_strategies") == "habits":

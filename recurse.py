@@ -349,6 +349,136 @@ def sign_step_reach(policy, rows, temperature):
     return out
 
 
+def flat_grad(params):
+    """The parameters' .grad as one flat float32 vector (zeros where a grad is None)."""
+    import torch
+
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+
+
+def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, norm, train_calls="all",
+               micro_batch_tokens=4096):
+    """Which rollouts push the concurrent plan up or down, and how far one update from them moves it,
+    to first order, for each set of advantages (one per arm), with plain SGD and with Adam's first step.
+
+    An update d moves the plan's log-odds (log P_T(async reply) - log P_T(sync reply), averaged over
+    choices: plan_prompts rows) by about <d, G>, G its gradient. At ratio 1 (one epoch) the Dr. GRPO
+    loss's gradient is -g, g = sum_i A_i h_i / norm, h_i the gradient of rollout i's log-probs summed
+    over its trained rows (grpo_step's rows and norm). So one update at lr moves the log-odds by
+      SGD:                lr <g, G>, of which rollout i's part is lr A_i <h_i, G> / norm;
+      Adam's first step:  lr <g / (|g| + eps), G>, about lr <sign(g), G>: the same for any two sets of
+                          advantages that give each weight's gradient the same sign.
+    -> (summary dict, {arm: g}). advantages_by_arm: {arm: [A_i]}."""
+    import torch
+
+    from grpo import build_rows, micro_batches
+
+    params = policy.trainable_parameters()
+    eps = torch.optim.AdamW([torch.zeros(1)]).defaults["eps"]
+    for p in params:
+        p.grad = None
+    log_odds = []
+    for _, _, prompt, sync, concurrent in choices:  # G, accumulated in .grad one choice at a time
+        logp_sync, logp_async = reply_logprobs(policy, prompt, [sync, concurrent], temperature)
+        ((logp_async - logp_sync) / len(choices)).backward()
+        log_odds.append((logp_async - logp_sync).item())
+    G = flat_grad(params)
+    rows = build_rows(rollouts, [1.0] * len(rollouts), calls=train_calls)
+    H = []
+    for i in range(len(rollouts)):
+        for p in params:
+            p.grad = None
+        for b in micro_batches([r for r in rows if r.rollout_index == i], micro_batch_tokens,
+                               pad_id=policy.pad_token_id):
+            logp_BT = policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT, temperature=temperature)
+            (logp_BT * b.loss_mask_BT).sum().backward()
+        H.append(flat_grad(params))
+    for p in params:
+        p.grad = None
+    dots = [float(h @ G) for h in H]
+    arms, directions = {}, {}
+    for arm, advantages in advantages_by_arm.items():
+        g = directions[arm] = sum(a * h for a, h in zip(advantages, H)) / norm
+        without = [g - a * h / norm for a, h in zip(advantages, H)]
+        arms[arm] = {"sgd_push_per_lr": float(g @ G), "adam_push_per_lr": float((g / (g.abs() + eps)) @ G),
+                     "adam_reach_per_lr": float(G.abs().sum()), "grad_norm": float(g.norm()),
+                     "sgd_parts": [a * d / norm for a, d in zip(advantages, dots)],
+                     # Adam's first step without each rollout in turn: which ones set its direction
+                     "adam_push_without": [float((w / (w.abs() + eps)) @ G) for w in without]}
+    signs = [torch.sign(g) for g in directions.values()]
+    same = float((signs[0] == signs[-1]).float().mean())  # share of weights the first two arms move alike
+    return {"log_odds": log_odds, "h_dot_G": dots, "arms": arms, "same_sign_share": same}, directions
+
+
+def step_rollouts(run_dir, step):
+    """An RL step of a train.py run, as it was: (config, tasks, rollouts), the rollouts from
+    samples.jsonl (which must keep them all: --all_samples)."""
+    from checkpoint import load_checkpoint
+    from config import ints
+    from trace import read_jsonl
+    from train import step_tasks
+
+    _, state = load_checkpoint(run_dir)
+    if state is None:
+        raise SystemExit(f"recurse.py: {run_dir} has no checkpoint to read the run's settings from")
+    cfg = state["config"]
+    if not cfg["all_samples"]:
+        raise SystemExit(f"recurse.py: {run_dir} kept one rollout per task; this needs train.py --all_samples")
+    per_step = cfg["tasks_per_step"] * cfg["group_size"]
+    rollouts = read_jsonl(os.path.join(run_dir, "samples.jsonl"))[(step - 1) * per_step:step * per_step]
+    if len(rollouts) != per_step:
+        raise SystemExit(f"recurse.py: {run_dir}/samples.jsonl holds {len(rollouts)} rollouts of step {step}, "
+                         f"not {per_step}")
+    return cfg, step_tasks(cfg, step - 1, ints(cfg["lengths"])), rollouts  # step k drew step_tasks(cfg, k - 1)
+
+
+def update_push(policy, run_dir, step, n):
+    """push_terms for RL step `step` of the run in run_dir, on n held-out tasks a length, with the
+    advantages each arm's reward gives the same rollouts. policy: the adapter that sampled them."""
+    from config import ints, reward_settings
+    from eval import strategy_profile
+    from grpo import group_advantages, token_budget_norm
+    from reward import reward_for
+
+    cfg, tasks, rollouts = step_rollouts(run_dir, step)
+    advantages, rewards = {}, {}
+    for arm, weights in ARMS.items():
+        reward_config = reward_settings({**cfg, **weights})
+        rewards[arm] = [reward_for(t, r, reward_config) for t, r in zip(tasks, rollouts)]
+        correct = [w["correctness"] for w in rewards[arm]] if cfg["skip_unsolved"] else None
+        advantages[arm] = [float(a) for a in group_advantages([w["reward"] for w in rewards[arm]],
+                                                              cfg["group_size"], correctness_N=correct)]
+    summary, _ = push_terms(policy, rollouts, advantages, plan_prompts(policy, n, ints(cfg["lengths"])),
+                            temperature=cfg["temperature"], train_calls=cfg["train_calls"],
+                            norm=token_budget_norm(len(rollouts), cfg["max_generated_tokens"]),
+                            micro_batch_tokens=cfg["micro_batch_tokens"])
+    summary["rollouts"] = [{"task": k // cfg["group_size"], "length": t.length, "correct": score(t, r.answer),
+                            **{key: strategy_profile(r)[key] for key in ("sub_calls", "concurrent")},
+                            "depth": r.cost.depth, "critical_path": r.cost.critical_path_tokens,
+                            **{arm: {"reward": rewards[arm][k]["reward"], "advantage": advantages[arm][k]}
+                               for arm in ARMS}}
+                           for k, (t, r) in enumerate(zip(tasks, rollouts))]
+    return {"run": run_dir, "step": step, "temperature": cfg["temperature"], "n": n, **summary}
+
+
+def push(out_dir, run, step, preset):
+    """update_push for one step of one run of the experiment, from the adapter that sampled it."""
+    from lora import load_policy
+
+    run_dir = os.path.join(out_dir, run)
+    start = os.path.join(out_dir, "warm", "adapter") if step == 1 else os.path.join(run_dir, "steps", f"step-{step - 1}")
+    policy = load_policy(None, adapter=start)
+    result = update_push(policy, run_dir, step, preset["n_plans_steps"])
+    path = os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    for arm, a in result["arms"].items():
+        print(f"{arm}: one update moves the concurrent plan's log-odds by {a['sgd_push_per_lr']:+.4g} x lr (SGD), "
+              f"{a['adam_push_per_lr']:+.4g} x lr (Adam's first step; reach {a['adam_reach_per_lr']:.4g} x lr)")
+    print(f"the two arms' first Adam steps move {result['same_sign_share']:.3f} of the weights the same way; {path}")
+
+
 # -----------------------------------------------------------------------------
 # The report: every figure with a 95% interval
 
@@ -570,10 +700,16 @@ def main(argv=None):
     parser.add_argument("--preset", default="full", choices=list(PRESETS))
     parser.add_argument("--out_dir", default=None, help="default: out/recurse-<preset>")
     parser.add_argument("--report", action="store_true", help="only write the report from what --out_dir holds")
+    parser.add_argument("--push", metavar="RUN", help="which rollouts of RUN's RL step --step push the concurrent "
+                        "plan up or down (update_push), written to out_dir/eval/RUN-step-K-push.json")
+    parser.add_argument("--step", type=int, default=1, help="with --push: the RL step (1 = the first)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out_dir = args.out_dir or f"out/recurse-{args.preset}"
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    if args.push:
+        push(out_dir, args.push, args.step, preset)
+        return
     if not args.report:
         flags, t0 = {**COMMON, **preset["train"]}, time.time()
         for name, run in run_flags(preset).items():

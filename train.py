@@ -114,7 +114,12 @@ latency_weight = 0.1  # charge for critical-path tokens, relative to the latency
 cost_budget = 0  # weighted tokens at which the cost charge is full (0: 8 x max_generated_tokens, reward.py)
 latency_budget = 0  # critical-path tokens at which the latency charge is full (0: max_generated_tokens)
 # update
-lr = 2e-4  # AdamW learning rate of the LoRA parameters in RL (a fresh optimizer after the warm start)
+lr = 2e-4  # learning rate of the LoRA parameters in RL (a fresh optimizer after the warm start)
+# RL's optimizer: "adamw", or "sgd" (plain gradient descent). Adam's first step moves every weight by
+# about lr in the sign of its gradient, whatever the gradient's size, so two rewards that give the same
+# signs take the same step; SGD's step is the gradient itself, in proportion to the advantages (its
+# lr is on another scale: a step's gradient norm is about 1e-3 here; README, "Does RL learn to recurse?").
+optimizer = "adamw"
 weight_decay = 0.0
 epochs = 1  # optimizer steps per batch of rollouts (each uses every micro-batch)
 micro_batch_tokens = 4096  # padded tokens per forward/backward pass
@@ -379,7 +384,9 @@ def setup(cfg, state, device=None):
 
 def new_optimizer(policy, cfg, phase):
     """A fresh optimizer for each phase: Adam's moments from cloning (advantage 1 on every token)
-    would dwarf RL's small advantages for hundreds of steps."""
+    would dwarf RL's small advantages for hundreds of steps. The warm start is always AdamW."""
+    if phase == "rl" and cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(policy.trainable_parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     return torch.optim.AdamW(policy.trainable_parameters(), lr=cfg["warm_lr" if phase == "warm" else "lr"],
                              weight_decay=cfg["weight_decay"])
 

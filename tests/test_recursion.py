@@ -432,3 +432,50 @@ def test_a_sign_step_along_the_gradient_moves_the_plan_log_odds_by_lr_times_its_
                 p += lr * torch.sign(g)
     [(_, _, moved, _)] = recurse.sign_step_reach(policy, rows, 0.7)
     assert 0.8 * 0.1 < moved - odds < 1.2 * 0.1
+
+
+# --- recurse.py: which rollouts push the concurrent plan (push_terms)
+
+def test_push_terms_direction_is_the_step_grpo_step_takes(smollm_tokenizer):
+    """push_terms' g is what one SGD step of lr 1 through grpo_step moves the weights by (minus the
+    Dr. GRPO loss's gradient, with its norm, over the same rows): its first-order figures are about the
+    update train.py makes, not some other one. Only the calls train_calls names count."""
+    import random as stdlib_random
+
+    import torch
+
+    from conftest import make_tiny_policy
+    from grpo import grpo_step, token_budget_norm
+    from trace import Call, Cost, Rollout
+
+    policy = make_tiny_policy(seed=1, tokenizer=smollm_tokenizer)
+    recurse.perturb_by_sign(policy, 0.02)  # LoRA's B starts at 0, which would leave A without a gradient
+    rng = stdlib_random.Random(0)
+    ids = lambda n: [rng.randrange(100, 5000) for _ in range(n)]
+
+    def rollout(prompt, reply, child_reply):
+        calls = [Call(0, None, "root", 0, "q", ids(prompt) + ids(reply), [0] * prompt + [1] * reply),
+                 Call(1, 0, "llm_query", 1, "p", ids(6) + ids(child_reply), [0] * 6 + [1] * child_reply)]
+        return Rollout("q", "1", calls, Cost(), 64)
+
+    rollouts = [rollout(7, 5, 4), rollout(9, 3, 6), rollout(5, 8, 2), rollout(6, 4, 5)]
+    choices = [("root", 1200, ids(8), ids(5), ids(6)), ("child", 3000, ids(7), ids(4), ids(4))]
+    advantages = {"cost": [0.5, -0.5, 0.25, -0.25], "accuracy": [1.0, 0.0, -1.0, 0.0]}
+    norm, kw = token_budget_norm(len(rollouts), 64), dict(temperature=0.7, train_calls="rlm", micro_batch_tokens=32)
+    summary, directions = recurse.push_terms(policy, rollouts, advantages, choices, norm=norm, **kw)
+
+    params = policy.trainable_parameters()
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    grpo_step(policy, torch.optim.SGD(params, lr=1.0), rollouts, advantages["cost"], max_generated_tokens=64,
+              grad_clip=float("inf"), **kw)
+    moved = torch.cat([p.detach().flatten() for p in params]) - before
+    g = directions["cost"]
+    # Both sides add the same per-row gradients in another order and round once more in before + g:
+    # a few units of float32's eps at the size of the weights plus the largest gradient entry.
+    tolerance = 64 * torch.finfo(torch.float32).eps * float(before.abs().max() + g.abs().max())
+    assert float(g.abs().max()) > 1000 * tolerance  # the comparison below can tell a wrong g
+    assert float((moved - g).abs().max()) <= tolerance
+    assert float((moved - directions["accuracy"]).abs().max()) > 1000 * tolerance  # other advantages, other step
+    parts, push = summary["arms"]["cost"]["sgd_parts"], summary["arms"]["cost"]["sgd_push_per_lr"]
+    assert abs(sum(parts) - push) <= 1e-4 * sum(abs(p) for p in parts)  # the parts add up to the whole
+    assert len(summary["log_odds"]) == len(choices) and 0 < summary["same_sign_share"] < 1

@@ -312,11 +312,20 @@ def test_keep_adapters_keeps_each_checkpoints_adapter_beside_the_last(whole_run,
     (["--warm_strategies", "habits", "--families", "niah,source"], "teacher.HABITS has no habits for source"),
     (["--train_calls", "children"], "--train_calls must be one of all, rlm, root"),
     (["--max_call_sub_calls", "-1"], "--max_call_sub_calls must be at least 0"),
+    (["--optimizer", "adam"], "--optimizer must be adamw or sgd"),
 ])
 def test_a_config_that_cannot_work_is_refused_at_start(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_config.check_config(train.parse_config(flags))
     assert message in str(exit_info.value)
+
+
+def test_rl_steps_with_sgd_when_asked_and_the_warm_start_stays_adamw(tiny_policy):
+    cfg = train.parse_config(["--optimizer", "sgd", "--lr", "50"])
+    rl, warm = train.new_optimizer(tiny_policy, cfg, "rl"), train.new_optimizer(tiny_policy, cfg, "warm")
+    assert type(rl) is torch.optim.SGD and rl.defaults["lr"] == 50
+    assert type(warm) is torch.optim.AdamW and warm.defaults["lr"] == cfg["warm_lr"]
+    assert type(train.new_optimizer(tiny_policy, train.parse_config([]), "rl")) is torch.optim.AdamW
 
 
 def test_a_missing_model_is_refused_with_a_message(tmp_path):
