@@ -432,27 +432,37 @@ def step_rollouts(run_dir, step):
     return cfg, step_tasks(cfg, step - 1, ints(cfg["lengths"])), rollouts  # step k drew step_tasks(cfg, k - 1)
 
 
-def update_push(policy, run_dir, step, n):
-    """push_terms for RL step `step` of the run in run_dir, on n held-out tasks a length, with the
-    advantages each arm's reward gives the same rollouts. policy: the adapter that sampled them."""
-    from config import ints, reward_settings
-    from eval import strategy_profile
-    from grpo import group_advantages, token_budget_norm
+def step_advantages(cfg, tasks, rollouts):
+    """Each arm's rewards and advantages for the same rollouts of a step, as train.py computes them.
+    -> ({arm: [reward dicts]}, {arm: [A_i]})"""
+    from config import reward_settings
+    from grpo import group_advantages
     from reward import reward_for
 
-    cfg, tasks, rollouts = step_rollouts(run_dir, step)
-    advantages, rewards = {}, {}
+    rewards, advantages = {}, {}
     for arm, weights in ARMS.items():
         reward_config = reward_settings({**cfg, **weights})
         rewards[arm] = [reward_for(t, r, reward_config) for t, r in zip(tasks, rollouts)]
         correct = [w["correctness"] for w in rewards[arm]] if cfg["skip_unsolved"] else None
         advantages[arm] = [float(a) for a in group_advantages([w["reward"] for w in rewards[arm]],
                                                               cfg["group_size"], correctness_N=correct)]
+    return rewards, advantages
+
+
+def update_push(policy, run_dir, step, n):
+    """push_terms for RL step `step` of the run in run_dir, on n held-out tasks a length, with the
+    advantages each arm's reward gives the same rollouts. policy: the adapter that sampled them."""
+    from config import ints
+    from eval import strategy_profile
+    from grpo import token_budget_norm
+
+    cfg, tasks, rollouts = step_rollouts(run_dir, step)
+    rewards, advantages = step_advantages(cfg, tasks, rollouts)
     summary, _ = push_terms(policy, rollouts, advantages, plan_prompts(policy, n, ints(cfg["lengths"])),
                             temperature=cfg["temperature"], train_calls=cfg["train_calls"],
                             norm=token_budget_norm(len(rollouts), cfg["max_generated_tokens"]),
                             micro_batch_tokens=cfg["micro_batch_tokens"])
-    summary["rollouts"] = [{"task": k // cfg["group_size"], "length": t.length, "correct": score(t, r.answer),
+    summary["rollouts"] = [{"task": k // cfg["group_size"], "characters": len(t.context), "correct": score(t, r.answer),
                             **{key: strategy_profile(r)[key] for key in ("sub_calls", "concurrent")},
                             "depth": r.cost.depth, "critical_path": r.cost.critical_path_tokens,
                             **{arm: {"reward": rewards[arm][k]["reward"], "advantage": advantages[arm][k]}
@@ -461,15 +471,53 @@ def update_push(policy, run_dir, step, n):
     return {"run": run_dir, "step": step, "temperature": cfg["temperature"], "n": n, **summary}
 
 
+def replay(out_dir, run, step, preset, arm, optimizer, lr):
+    """RL step `step` of run again, from the adapter that sampled it and on the rollouts it sampled,
+    with arm's advantages, optimizer ("adamw" or "sgd") and lr; then measure_plans on the result:
+    what one real update of each kind does to the concurrent plan, exactly, without sampling again."""
+    import torch
+
+    from grpo import grpo_step
+    from lora import load_policy
+    from train import update_settings
+
+    path = os.path.join(out_dir, "eval", f"{run}-step-{step}-replay-{arm}-{optimizer}-{lr:g}-plans.json")
+    if os.path.exists(path):
+        return
+    run_dir = os.path.join(out_dir, run)
+    cfg, tasks, rollouts = step_rollouts(run_dir, step)
+    _, advantages = step_advantages(cfg, tasks, rollouts)
+    policy = load_policy(cfg["model"], adapter=start_adapter(out_dir, run, step))
+    params = policy.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0)
+    stats = grpo_step(policy, opt, rollouts, advantages[arm], **update_settings({**cfg, "epochs": 1}),
+                      train_calls=cfg["train_calls"])
+    n = preset["n_plans_steps"]
+    shares = plan_preference(policy, plan_prompts(policy, n, preset["eval_lengths"]["tally"]), cfg["temperature"])
+    with open(path + ".tmp", "w") as f:
+        json.dump({"temperature": cfg["temperature"], "shares": shares, "update": stats,
+                   "labels": label_skill(policy, label_pieces(3 * n), cfg["temperature"])}, f)
+    os.replace(path + ".tmp", path)
+    print(f"{path}: concurrent plan {mean([x[2] for x in shares]):.4f}, mass {mean([x[3] for x in shares]):.3f}")
+
+
+def start_adapter(out_dir, run, step):
+    """The adapter that sampled RL step `step` of run: the warm start's, or the one the step before kept."""
+    if step == 1:
+        return os.path.join(out_dir, "warm", "adapter")
+    return os.path.join(out_dir, run, "steps", f"step-{step - 1}")
+
+
 def push(out_dir, run, step, preset):
     """update_push for one step of one run of the experiment, from the adapter that sampled it."""
     from lora import load_policy
 
-    run_dir = os.path.join(out_dir, run)
-    start = os.path.join(out_dir, "warm", "adapter") if step == 1 else os.path.join(run_dir, "steps", f"step-{step - 1}")
-    policy = load_policy(None, adapter=start)
+    run_dir, path = os.path.join(out_dir, run), os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")
+    if os.path.exists(path):
+        return
+    cfg, _, _ = step_rollouts(run_dir, step)
+    policy = load_policy(cfg["model"], adapter=start_adapter(out_dir, run, step))
     result = update_push(policy, run_dir, step, preset["n_plans_steps"])
-    path = os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -702,6 +750,8 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true", help="only write the report from what --out_dir holds")
     parser.add_argument("--push", metavar="RUN", help="which rollouts of RUN's RL step --step push the concurrent "
                         "plan up or down (update_push), written to out_dir/eval/RUN-step-K-push.json")
+    parser.add_argument("--replay", nargs="*", metavar="ARM:OPTIMIZER:LR", help="with --push: that step again "
+                        "with each arm's advantages, optimizer (adamw or sgd) and lr, and the plans it leaves (replay)")
     parser.add_argument("--step", type=int, default=1, help="with --push: the RL step (1 = the first)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -709,6 +759,8 @@ def main(argv=None):
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
     if args.push:
         push(out_dir, args.push, args.step, preset)
+        for arm, optimizer, lr in (x.split(":") for x in args.replay or []):
+            replay(out_dir, args.push, args.step, preset, arm, optimizer, float(lr))
         return
     if not args.report:
         flags, t0 = {**COMMON, **preset["train"]}, time.time()
