@@ -7,6 +7,9 @@ steps, several training seeds each), all evaluated on held-out tasks.
     python recurse.py                     # the full experiment: tally, niah, multihop, two seeds per arm
     python recurse.py --preset gpu        # the GPU-sized version (not run yet)
     python recurse.py --report            # the tables and the figure again, from what --out_dir holds
+    python recurse.py --preset short --push cost-s0 --replay cost:sgd:100 accuracy:sgd:100
+        # which rollouts of cost-s0's first RL step push the concurrent plan, how far one update moves it
+        # in each arm with SGD and with Adam's first step (to first order), and that step replayed for real
 
 The steps, each skipped when its output is already there (so a stopped run goes on where it was):
   1. warm start   train.py --steps 0 --warm_strategies habits: teacher.HABITS, 80% of the
@@ -407,7 +410,7 @@ def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, nor
                      "adam_push_without": [float((w / (w.abs() + eps)) @ G) for w in without]}
     signs = [torch.sign(g) for g in directions.values()]
     same = float((signs[0] == signs[-1]).float().mean())  # share of weights the first two arms move alike
-    return {"log_odds": log_odds, "h_dot_G": dots, "arms": arms, "same_sign_share": same}, directions
+    return {"log_odds": log_odds, "h_dot_G": dots, "arms": arms, "same_sign_share": same, "weights": G.numel()}, directions
 
 
 def step_rollouts(run_dir, step):
