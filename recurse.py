@@ -87,15 +87,18 @@ ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays 
 BUDGETS = dict(cost_budget=4096, latency_budget=512)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
               temperature=0.7, **ROLLOUTS, **BUDGETS)
-# RL samples at 0.7 so that the warm start's minority strategies come up in a group. lr 3e-5 on CPU
-# (2e-5 on GPU): a fresh Adam's first update moves every weight by about lr (the sign of its
-# gradient), and the plan's log-odds has a gradient whose L1 norm over the 4.9M LoRA weights is
-# about 43,000 (sign_step_reach), so one update can move a plan by up to lr * 43,000 nats: 13 at
-# 3e-4, where one update took the concurrent plan from 0.07 to 0.001 in both arms (README, fourth
-# run; at 1e-3 two updates had wiped out the programs themselves), and 1.3 at 3e-5. On CPU RL trains
-# the root's and the child RLMs' rows (train_calls rlm): they write the code that chooses between
-# sequential and concurrent sub-calls, while the plain completions' rows (most of a step's tokens) teach
-# labelling, which the warm start's drills teach for less (see the README's "Does RL learn to recurse?").
+# RL samples at 0.7 so that the warm start's minority strategies come up in a group, and steps with plain
+# SGD (train.py --optimizer sgd). A fresh Adam's first update moves every weight by about lr in the sign
+# of its gradient: the two arms take the same step wherever their gradients share signs (the fourth run
+# in the README: both arms' concurrent plan 0.07 -> 0.001, alike to three decimals), and the step is
+# spread over all 4.9M LoRA weights. SGD's step is the gradient, in proportion to the advantages. lr 1400
+# gives the step the length of Adam's first step at 3e-5 (3e-5 * sqrt(4.9M) / a gradient norm of about
+# 4.7e-5); at that length, on the same rollouts, SGD moved the concurrent plan's log-odds by +0.79 and
+# Adam by +0.19 (README, fifth run; recurse.py --push, --replay). The GPU preset's 1400 is the CPU's,
+# uncalibrated there. On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
+# write the code that chooses between sequential and concurrent sub-calls, while the plain
+# completions' rows (most of a step's tokens) teach labelling, which the warm start's drills teach
+# for less (see the README's "Does RL learn to recurse?").
 # The warm start's last stage: the habit demonstrations again, every batch holding the habit mix
 # (train.py --warm_mix_batches). Shuffled batches left the concurrent plan at about 1% of the
 # policy's choices (0.3% at the RL temperature; README), far below the 20% it was shown, because
@@ -117,17 +120,20 @@ ROOTS = dict(warm_demos=10, warm_drills=80, warm_root_drills=80, warm_epochs=1, 
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=8,
-                             tasks_per_step=3, group_size=6, lr=3e-5, train_calls="rlm"),
+                             tasks_per_step=3, group_size=6, optimizer="sgd", lr=1400,
+                             train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10, n_plans_steps=4,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
-                            steps=8, tasks_per_step=3, group_size=6, lr=3e-5, train_calls="rlm"),
+                            steps=8, tasks_per_step=3, group_size=6, optimizer="sgd", lr=1400,
+                            train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30, n_plans_steps=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
-                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, lr=2e-5, train_calls="all",
+                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, optimizer="sgd", lr=1400,
+                           train_calls="all",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
                 seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30, n_plans=50, n_plans_steps=20,
