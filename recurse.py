@@ -431,6 +431,10 @@ def step_rollouts(run_dir, step):
     if state is None:
         raise SystemExit(f"recurse.py: {run_dir} has no checkpoint to read the run's settings from")
     cfg = state["config"]
+    if any(cfg.get(k) for k in ("warm_demos", "warm_drills", "warm_root_drills")):
+        # its warm-start steps would shift the RL steps' numbers (and so their tasks) in train.py
+        raise SystemExit(f"recurse.py: {run_dir} began with a warm start of its own; this reads RL runs that "
+                         "start from --init_adapter with --warm_demos 0 --warm_drills 0, as the experiment's do")
     if not cfg["all_samples"]:
         raise SystemExit(f"recurse.py: {run_dir} kept one rollout per task; this needs train.py --all_samples")
     per_step = cfg["tasks_per_step"] * cfg["group_size"]
