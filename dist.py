@@ -127,12 +127,17 @@ def broadcast_parameters(params):
             td.broadcast(p.data, src=0)
 
 
+def flat_grads(params):
+    """The parameters' .grad as one flat float32 vector, zeros where a grad is None."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+
+
 def all_reduce_grads(params):
     """Sum every parameter's gradient over the ranks, in float32, in one flat buffer. A rank with
     no rows this step adds zeros (its grads are None)."""
     if world() == 1:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+    flat = flat_grads(params)
     td.all_reduce(flat)
     offset = 0
     for p in params:

@@ -302,11 +302,19 @@ def measure_plans(adapter, preset, n, temperature, path):
         return
     from lora import load_policy
 
-    policy = load_policy(None, adapter=adapter)
+    write_json(path, plans_of(load_policy(None, adapter=adapter), preset, n, temperature))
+
+
+def plans_of(policy, preset, n, temperature):
+    """measure_plans' record for a policy in memory: {temperature, shares, labels}."""
     shares = plan_preference(policy, plan_prompts(policy, n, preset["eval_lengths"]["tally"]), temperature)
-    labels = label_skill(policy, label_pieces(3 * n), temperature)
+    return {"temperature": temperature, "shares": shares, "labels": label_skill(policy, label_pieces(3 * n), temperature)}
+
+
+def write_json(path, record, **kw):
+    """record to path as JSON, whole or not at all (a stopped run leaves no half file to skip later)."""
     with open(path + ".tmp", "w") as f:
-        json.dump({"temperature": temperature, "shares": shares, "labels": labels}, f)
+        json.dump(record, f, **kw)
     os.replace(path + ".tmp", path)
 
 
@@ -358,13 +366,6 @@ def sign_step_reach(policy, rows, temperature):
     return out
 
 
-def flat_grad(params):
-    """The parameters' .grad as one flat float32 vector (zeros where a grad is None)."""
-    import torch
-
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
-
-
 def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, norm, train_calls="all",
                micro_batch_tokens=4096):
     """Which rollouts push the concurrent plan up or down, and how far one update from them moves it,
@@ -380,10 +381,11 @@ def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, nor
     -> (summary dict, {arm: g}). advantages_by_arm: {arm: [A_i]}."""
     import torch
 
+    from dist import flat_grads
     from grpo import build_rows, micro_batches
 
     params = policy.trainable_parameters()
-    eps = torch.optim.AdamW([torch.zeros(1)]).defaults["eps"]
+    eps = inspect.signature(torch.optim.AdamW).parameters["eps"].default
     for p in params:
         p.grad = None
     log_odds = []
@@ -391,7 +393,7 @@ def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, nor
         logp_sync, logp_async = reply_logprobs(policy, prompt, [sync, concurrent], temperature)
         ((logp_async - logp_sync) / len(choices)).backward()
         log_odds.append((logp_async - logp_sync).item())
-    G = flat_grad(params)
+    G = flat_grads(params)
     rows = build_rows(rollouts, [1.0] * len(rollouts), calls=train_calls)
     H = []
     for i in range(len(rollouts)):
@@ -401,7 +403,7 @@ def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, nor
                                pad_id=policy.pad_token_id):
             logp_BT = policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT, temperature=temperature)
             (logp_BT * b.loss_mask_BT).sum().backward()
-        H.append(flat_grad(params))
+        H.append(flat_grads(params))
     for p in params:
         p.grad = None
     dots = [float(h @ G) for h in H]
@@ -462,16 +464,14 @@ def step_advantages(cfg, tasks, rollouts):
     return rewards, advantages
 
 
-def update_push(policy, run_dir, step, n):
-    """push_terms for RL step `step` of the run in run_dir, on n held-out tasks a length, with the
-    advantages each arm's reward gives the same rollouts. policy: the adapter that sampled them."""
-    from config import ints
+def update_push(policy, cfg, tasks, rollouts, lengths, n):
+    """push_terms for the rollouts of one RL step (step_rollouts), on n held-out tasks of each length,
+    with the advantages each arm's reward gives them. policy: the adapter that sampled them."""
     from eval import strategy_profile
     from grpo import token_budget_norm
 
-    cfg, tasks, rollouts = step_rollouts(run_dir, step)
     rewards, advantages = step_advantages(cfg, tasks, rollouts)
-    summary, _ = push_terms(policy, rollouts, advantages, plan_prompts(policy, n, ints(cfg["lengths"])),
+    summary, _ = push_terms(policy, rollouts, advantages, plan_prompts(policy, n, lengths),
                             temperature=cfg["temperature"], train_calls=cfg["train_calls"],
                             norm=token_budget_norm(len(rollouts), cfg["max_generated_tokens"]),
                             micro_batch_tokens=cfg["micro_batch_tokens"])
@@ -481,18 +481,16 @@ def update_push(policy, run_dir, step, n):
                             **{arm: {"reward": rewards[arm][k]["reward"], "advantage": advantages[arm][k]}
                                for arm in ARMS}}
                            for k, (t, r) in enumerate(zip(tasks, rollouts))]
-    return {"run": run_dir, "step": step, "temperature": cfg["temperature"], "n": n, **summary}
+    return {"temperature": cfg["temperature"], "n": n, **summary}
 
 
 def replay(out_dir, run, step, preset, arm, optimizer, lr):
     """RL step `step` of run again, from the adapter that sampled it and on the rollouts it sampled,
     with arm's advantages, optimizer ("adamw" or "sgd") and lr; then measure_plans on the result:
     what one real update of each kind does to the concurrent plan, exactly, without sampling again."""
-    import torch
-
     from grpo import grpo_step
     from lora import load_policy
-    from train import update_settings
+    from train import new_optimizer, update_settings
 
     path = os.path.join(out_dir, "eval", f"{run}-step-{step}-replay-{arm}-{optimizer}-{lr:g}-plans.json")
     if os.path.exists(path):
@@ -501,16 +499,11 @@ def replay(out_dir, run, step, preset, arm, optimizer, lr):
     cfg, tasks, rollouts = step_rollouts(run_dir, step)
     _, advantages = step_advantages(cfg, tasks, rollouts)
     policy = load_policy(cfg["model"], adapter=start_adapter(out_dir, run, step))
-    params = policy.trainable_parameters()
-    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0)
-    stats = grpo_step(policy, opt, rollouts, advantages[arm], **update_settings({**cfg, "epochs": 1}),
-                      train_calls=cfg["train_calls"])
-    n = preset["n_plans_steps"]
-    shares = plan_preference(policy, plan_prompts(policy, n, preset["eval_lengths"]["tally"]), cfg["temperature"])
-    with open(path + ".tmp", "w") as f:
-        json.dump({"temperature": cfg["temperature"], "shares": shares, "update": stats,
-                   "labels": label_skill(policy, label_pieces(3 * n), cfg["temperature"])}, f)
-    os.replace(path + ".tmp", path)
+    stats = grpo_step(policy, new_optimizer(policy, {**cfg, "optimizer": optimizer, "lr": lr}, "rl"), rollouts,
+                      advantages[arm], **update_settings({**cfg, "epochs": 1}), train_calls=cfg["train_calls"])
+    record = plans_of(policy, preset, preset["n_plans_steps"], cfg["temperature"])
+    write_json(path, {**record, "update": stats})
+    shares = record["shares"]
     print(f"{path}: concurrent plan {mean([x[2] for x in shares]):.4f}, mass {mean([x[3] for x in shares]):.3f}")
 
 
@@ -522,18 +515,18 @@ def start_adapter(out_dir, run, step):
 
 
 def push(out_dir, run, step, preset):
-    """update_push for one step of one run of the experiment, from the adapter that sampled it."""
+    """update_push for one step of one run of the experiment, from the adapter that sampled it, on the
+    held-out choices that measure_plans and replay use."""
     from lora import load_policy
 
     run_dir, path = os.path.join(out_dir, run), os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")
     if os.path.exists(path):
         return
-    cfg, _, _ = step_rollouts(run_dir, step)
+    cfg, tasks, rollouts = step_rollouts(run_dir, step)
     policy = load_policy(cfg["model"], adapter=start_adapter(out_dir, run, step))
-    result = update_push(policy, run_dir, step, preset["n_plans_steps"])
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    result = {"run": run_dir, "step": step, **update_push(policy, cfg, tasks, rollouts, preset["eval_lengths"]["tally"],
+                                                          preset["n_plans_steps"])}
+    write_json(path, result, indent=1)
     for arm, a in result["arms"].items():
         print(f"{arm}: one update moves the concurrent plan's log-odds by {a['sgd_push_per_lr']:+.4g} x lr (SGD), "
               f"{a['adam_push_per_lr']:+.4g} x lr (Adam's first step; reach {a['adam_reach_per_lr']:.4g} x lr)")
