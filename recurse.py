@@ -533,6 +533,70 @@ def push(out_dir, run, step, preset):
     print(f"the two arms' first Adam steps move {result['same_sign_share']:.3f} of the weights the same way; {path}")
 
 
+def plan_signal(records, z=2.0, n_boot=2000, seed=0):
+    """How much of RL's push on the concurrent plan comes from the reward's cost terms, and how much is the
+    noise of which plan the right answers happened to use; and so how many groups of rollouts RL needs
+    before the first stands out of the second. records: update_push results (push JSONs).
+
+    The cost-aware arm's advantage splits exactly: A_i = A_i^acc + (A_i - A_i^acc), A_i^acc the
+    accuracy-only arm's advantage on the same rollout (its reward is the correctness; both arms zero a
+    group with no right answer). So a group's first-order push on the plan, sum_i A_i <h_i, G>, is
+      P_corr = sum_i A_i^acc <h_i, G>           (the whole push of the accuracy-only arm), plus
+      P_cost = sum_i (A_i - A_i^acc) <h_i, G>   (what cost and latency add).
+    Both programs are equally right, so P_corr has mean 0 over groups and only P_cost adds up: after k
+    groups the cost part is k mean(P_cost) and the correctness part's spread sqrt(k) sd(P_corr), which
+    the cost part exceeds z times from k = (z sd(P_corr) / mean(P_cost))^2 groups on (the same count
+    tells the two arms apart at z / sqrt(2), each arm carrying its own correctness noise).
+    -> {"groups": [{"characters", "right", "p_corr", "p_cost"}], statistics with 95% bootstrap intervals
+    over groups, "groups_needed": [estimate, low, high] (inf where the cost part's mean may be <= 0)}"""
+    groups = []
+    for rec in records:
+        by_task = {}
+        for r, h in zip(rec["rollouts"], rec["h_dot_G"]):
+            by_task.setdefault(r["task"], []).append((r, h))
+        for rows in by_task.values():
+            acc = [r["accuracy"]["advantage"] for r, _ in rows]
+            cost = [r["cost"]["advantage"] - a for (r, _), a in zip(rows, acc)]
+            groups.append({"characters": rows[0][0]["characters"], "right": sum(r["correct"] for r, _ in rows),
+                           "size": len(rows), "p_corr": sum(a * h for a, (_, h) in zip(acc, rows)),
+                           "p_cost": sum(c * h for c, (_, h) in zip(cost, rows))})
+
+    def sd(xs):
+        m = mean(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
+
+    def needed(gs):
+        m = mean([g["p_cost"] for g in gs])
+        return (z * sd([g["p_corr"] for g in gs]) / m) ** 2 if m > 0 else math.inf
+
+    stats = {"mean_p_cost": lambda gs: mean([g["p_cost"] for g in gs]),
+             "mean_p_corr": lambda gs: mean([g["p_corr"] for g in gs]),
+             "sd_p_corr": lambda gs: sd([g["p_corr"] for g in gs]), "groups_needed": needed}
+    rng = random.Random(seed)
+    draws = [[groups[rng.randrange(len(groups))] for _ in groups] for _ in range(n_boot)]
+    out = {"groups": groups, "z": z}
+    for name, stat in stats.items():
+        values = sorted(stat(d) for d in draws)
+        out[name] = [stat(groups), values[int(0.025 * n_boot)], values[int(0.975 * n_boot) - 1]]
+    return out
+
+
+def signal(out_dir, run_steps):
+    """plan_signal over the push JSONs of these (run, step) pairs -> out_dir/eval/signal.json, and a table."""
+    records = [load_json(os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")) for run, step in run_steps]
+    if any(r is None for r in records):
+        missing = [f"{run}:{step}" for (run, step), r in zip(run_steps, records) if r is None]
+        raise SystemExit(f"recurse.py: no push JSON for {', '.join(missing)}; run --push RUN --step K first")
+    result = plan_signal(records)
+    write_json(os.path.join(out_dir, "eval", "signal.json"), {"steps": run_steps, **result}, indent=1)
+    print("characters  right  correctness push  cost push   (per group, in <h, G> units)")
+    for g in result["groups"]:
+        print(f"{g['characters']:>10}  {g['right']:.0f}/{g['size']}  {g['p_corr']:>16.1f}  {g['p_cost']:>9.1f}")
+    for name in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "groups_needed"):
+        value, low, high = result[name]
+        print(f"{name}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
+
+
 # -----------------------------------------------------------------------------
 # The report: every figure with a 95% interval
 
@@ -759,10 +823,15 @@ def main(argv=None):
     parser.add_argument("--replay", nargs="*", metavar="ARM:OPTIMIZER:LR", help="with --push: that step again "
                         "with each arm's advantages, optimizer (adamw or sgd) and lr, and the plans it leaves (replay)")
     parser.add_argument("--step", type=int, default=1, help="with --push: the RL step (1 = the first)")
+    parser.add_argument("--signal", nargs="+", metavar="RUN:STEP", help="the cost terms' push on the plan against "
+                        "the correctness noise's, per group, over these steps' push JSONs (plan_signal)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out_dir = args.out_dir or f"out/recurse-{args.preset}"
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    if args.signal:
+        signal(out_dir, [x.split(":") for x in args.signal])
+        return
     if args.push:
         push(out_dir, args.push, args.step, preset)
         for arm, optimizer, lr in (x.split(":") for x in args.replay or []):

@@ -517,3 +517,50 @@ def test_push_and_replay_rebuild_the_step_a_run_took(tiny_model_dir, tmp_path):
     # the same rows scored by the same model; only the order of float sums may differ
     assert replayed["update"]["grad_norm"] == pytest.approx(step["grad_norm"], rel=1e-4)
     assert step["grad_norm"] > 0 and len(replayed["shares"]) == 4 * (1 + 2 + 2)  # a child choice past one level
+
+
+def _push_record(groups):
+    """A push JSON as update_push writes it, from groups of (correct, cost penalty, <h, G>) per rollout,
+    with each arm's advantages as step_advantages computes them (Dr. GRPO: reward - the group's mean;
+    0 in a group with no right answer)."""
+    def advantages(rewards, solved):
+        return [r - sum(rewards) / len(rewards) if solved else 0.0 for r in rewards]
+
+    rollouts, dots = [], []
+    for task, rows in enumerate(groups):
+        solved = any(c for c, _, _ in rows)
+        acc = advantages([c for c, _, _ in rows], solved)
+        cost = advantages([c - penalty for c, penalty, _ in rows], solved)
+        for (c, _, h), a, b in zip(rows, acc, cost):
+            rollouts.append({"task": task, "characters": 3000, "correct": c,
+                             "accuracy": {"advantage": a}, "cost": {"advantage": b}})
+            dots.append(h)
+    return {"rollouts": rollouts, "h_dot_G": dots}
+
+
+def test_plan_signal_splits_each_groups_push_into_correctness_and_cost_exactly():
+    # group 1: all right, the concurrent rollout (h = +2) cheaper; group 2: one right answer, sequential (h = -1)
+    g1 = [(1.0, 0.1, 2.0), (1.0, 0.3, -1.0), (1.0, 0.3, -1.0)]
+    g2 = [(1.0, 0.3, -1.0), (0.0, 0.1, 2.0), (0.0, 0.3, -1.0)]
+    g3 = [(0.0, 0.1, 2.0), (0.0, 0.3, -1.0), (0.0, 0.3, -1.0)]  # unsolved: trains nothing in either arm
+    s = recurse.plan_signal([_push_record([g1, g2]), _push_record([g3])], z=2.0, n_boot=50)
+    p = [(g["p_corr"], g["p_cost"]) for g in s["groups"]]
+    # by hand: group 1's cost advantages +2/15, -1/15, -1/15 -> 4/15 + 1/15 + 1/15 = 0.4; no correctness spread
+    # group 2: correctness advantages +2/3, -1/3, -1/3 -> -2/3 - 2/3 + 1/3 = -1; cost part -(pen - mean pen):
+    #          -(0.3 - 7/30) = -1/15, +2/15, -1/15 -> 1/15 + 4/15 + 1/15 = 0.4
+    expected = [(0.0, 0.4), (-1.0, 0.4), (0.0, 0.0)]
+    for (corr, cost), (corr_x, cost_x) in zip(p, expected):  # sums of a few terms of size ~1: float64 rounding
+        assert corr == pytest.approx(corr_x, abs=1e-12) and cost == pytest.approx(cost_x, abs=1e-12)
+    # the two parts add up to the cost-aware arm's whole push, sum_i A_i <h_i, G>
+    rec = _push_record([g1, g2, g3])
+    whole = sum(r["cost"]["advantage"] * h for r, h in zip(rec["rollouts"], rec["h_dot_G"]))
+    assert sum(a + b for a, b in p) == pytest.approx(whole, abs=1e-12)
+    sd = math.sqrt(((0 + 1 / 3) ** 2 * 2 + (-1 + 1 / 3) ** 2) / 2)  # sd of (0, -1, 0)
+    assert s["groups_needed"][0] == pytest.approx((2.0 * sd / (0.8 / 3)) ** 2, rel=1e-12)
+    assert s["mean_p_corr"][0] == pytest.approx(-1 / 3, abs=1e-12)
+
+
+def test_plan_signal_needs_infinitely_many_groups_when_cost_pushes_the_wrong_way():
+    g = [(1.0, 0.3, 2.0), (1.0, 0.1, -1.0), (0.0, 0.1, -1.0)]  # the concurrent rollout is the dearer one
+    s = recurse.plan_signal([_push_record([g])], n_boot=20)
+    assert s["groups"][0]["p_cost"] < 0 and s["groups_needed"][0] == math.inf
