@@ -7,9 +7,7 @@ steps, several training seeds each), all evaluated on held-out tasks.
     python recurse.py                     # the full experiment: tally, niah, multihop, two seeds per arm
     python recurse.py --preset gpu        # the GPU-sized version (not run yet)
     python recurse.py --report            # the tables and the figure again, from what --out_dir holds
-    python recurse.py --preset short --push cost-s0 --replay cost:sgd:100 accuracy:sgd:100
-        # which rollouts of cost-s0's first RL step push the concurrent plan, how far one update moves it
-        # in each arm with SGD and with Adam's first step (to first order), and that step replayed for real
+    python push.py --preset short --run cost-s0        # what one RL update of a run did to the plan (push.py)
 
 The steps, each skipped when its output is already there (so a stopped run goes on where it was):
   1. warm start   train.py --steps 0 --warm_strategies habits: teacher.HABITS, 80% of the
@@ -94,7 +92,7 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # spread over all 4.9M LoRA weights. SGD's step is the gradient, in proportion to the advantages. lr 1400
 # gives the step the length of Adam's first step at 3e-5 (3e-5 * sqrt(4.9M) / a gradient norm of about
 # 4.7e-5); at that length, on the same rollouts, SGD moved the concurrent plan's log-odds by +0.79 and
-# Adam by +0.19 (README, fifth run; recurse.py --push, --replay). The GPU preset's 1400 is the CPU's,
+# Adam by +0.19 (README, fifth run; push.py). The GPU preset's 1400 is the CPU's,
 # uncalibrated there. On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
 # write the code that chooses between sequential and concurrent sub-calls, while the plain
 # completions' rows (most of a step's tokens) teach labelling, which the warm start's drills teach
@@ -318,285 +316,6 @@ def write_json(path, record, **kw):
     os.replace(path + ".tmp", path)
 
 
-def perturb_by_sign(policy, lr, seed=0):
-    """Move every trainable weight of policy by +lr or -lr, the sign drawn from seed."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.trainable_parameters():
-            p.add_(lr * (torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p.dtype))
-
-
-def sign_noise_mass(adapter, preset, lrs, n, temperature, path, seed=0):
-    """What one update that is pure noise costs the cloned programs: every trainable weight moved by
-    lr in a random direction (+lr or -lr), as a fresh Adam's first step moves nearly every weight by
-    about lr whatever its gradient; then plan_preference's mass on n held-out tally tasks per length.
-    lr 0 is the adapter itself. -> {lr: mean mass}, written to path (JSON)."""
-    from lora import load_policy
-
-    masses = {}
-    for lr in lrs:
-        policy = load_policy(None, adapter=adapter)
-        perturb_by_sign(policy, lr, seed)
-        rows = plan_prompts(policy, n, preset["eval_lengths"]["tally"])
-        masses[str(lr)] = mean([mass for *_, mass in plan_preference(policy, rows, temperature)])
-    with open(path + ".tmp", "w") as f:
-        json.dump({"temperature": temperature, "n": n, "seed": seed, "mass": masses}, f)
-    os.replace(path + ".tmp", path)
-    return masses
-
-
-def sign_step_reach(policy, rows, temperature):
-    """How far one update of Adam's first kind (every trainable weight moved by lr, the sign of its
-    gradient) can move the policy's log-odds of the concurrent plan at each choice of plan_prompts:
-    lr * ||d log-odds / d weights||_1, reached when every weight moves with its own sign. The log-odds
-    is log P_T(async reply) - log P_T(sync reply). -> [(level, length, log-odds, L1 norm of its gradient)];
-    multiply the norm by an lr. With 4.9M LoRA weights the norm is in the tens of thousands, so a
-    step that any consistent signal lines up moves a plan by many nats (README, fourth run)."""
-    import torch
-
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    out = []
-    for level, length, prompt, sync, concurrent in rows:
-        logp_sync, logp_async = reply_logprobs(policy, prompt, [sync, concurrent], temperature)
-        log_odds = logp_async - logp_sync
-        grads = torch.autograd.grad(log_odds, params, allow_unused=True)
-        out.append((level, length, log_odds.item(), sum(g.abs().sum().item() for g in grads if g is not None)))
-    return out
-
-
-def push_terms(policy, rollouts, advantages_by_arm, choices, *, temperature, norm, train_calls="all",
-               micro_batch_tokens=4096):
-    """Which rollouts push the concurrent plan up or down, and how far one update from them moves it,
-    to first order, for each set of advantages (one per arm), with plain SGD and with Adam's first step.
-
-    An update d moves the plan's log-odds (log P_T(async reply) - log P_T(sync reply), averaged over
-    choices: plan_prompts rows) by about <d, G>, G its gradient. At ratio 1 (one epoch) the Dr. GRPO
-    loss's gradient is -g, g = sum_i A_i h_i / norm, h_i the gradient of rollout i's log-probs summed
-    over its trained rows (grpo_step's rows and norm). So one update at lr moves the log-odds by
-      SGD:                lr <g, G>, of which rollout i's part is lr A_i <h_i, G> / norm;
-      Adam's first step:  lr <g / (|g| + eps), G>, about lr <sign(g), G>: the same for any two sets of
-                          advantages that give each weight's gradient the same sign.
-    -> (summary dict, {arm: g}). advantages_by_arm: {arm: [A_i]}."""
-    import torch
-
-    from dist import flat_grads
-    from grpo import build_rows, micro_batches
-
-    params = policy.trainable_parameters()
-    eps = inspect.signature(torch.optim.AdamW).parameters["eps"].default
-    for p in params:
-        p.grad = None
-    log_odds = []
-    for _, _, prompt, sync, concurrent in choices:  # G, accumulated in .grad one choice at a time
-        logp_sync, logp_async = reply_logprobs(policy, prompt, [sync, concurrent], temperature)
-        ((logp_async - logp_sync) / len(choices)).backward()
-        log_odds.append((logp_async - logp_sync).item())
-    G = flat_grads(params)
-    rows = build_rows(rollouts, [1.0] * len(rollouts), calls=train_calls)
-    H = []
-    for i in range(len(rollouts)):
-        for p in params:
-            p.grad = None
-        for b in micro_batches([r for r in rows if r.rollout_index == i], micro_batch_tokens,
-                               pad_id=policy.pad_token_id):
-            logp_BT = policy.logprobs(b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT, temperature=temperature)
-            (logp_BT * b.loss_mask_BT).sum().backward()
-        H.append(flat_grads(params))
-    for p in params:
-        p.grad = None
-    dots = [float(h @ G) for h in H]
-    arms, directions = {}, {}
-    for arm, advantages in advantages_by_arm.items():
-        g = directions[arm] = sum(a * h for a, h in zip(advantages, H)) / norm
-        without = [g - a * h / norm for a, h in zip(advantages, H)]
-        arms[arm] = {"sgd_push_per_lr": float(g @ G), "adam_push_per_lr": float((g / (g.abs() + eps)) @ G),
-                     "adam_reach_per_lr": float(G.abs().sum()), "grad_norm": float(g.norm()),
-                     "sgd_parts": [a * d / norm for a, d in zip(advantages, dots)],
-                     # Adam's first step without each rollout in turn: which ones set its direction
-                     "adam_push_without": [float((w / (w.abs() + eps)) @ G) for w in without]}
-    signs = [torch.sign(g) for g in directions.values()]
-    same = float((signs[0] == signs[-1]).float().mean())  # share of weights the first two arms move alike
-    return {"log_odds": log_odds, "h_dot_G": dots, "arms": arms, "same_sign_share": same, "weights": G.numel()}, directions
-
-
-def step_rollouts(run_dir, step):
-    """An RL step of a train.py run, as it was: (config, tasks, rollouts), the rollouts from
-    samples.jsonl (which must keep them all: --all_samples)."""
-    from checkpoint import load_checkpoint
-    from config import ints
-    from trace import read_jsonl
-    from train import step_tasks
-
-    _, state = load_checkpoint(run_dir)
-    if state is None:
-        raise SystemExit(f"recurse.py: {run_dir} has no checkpoint to read the run's settings from")
-    cfg = state["config"]
-    if any(cfg.get(k) for k in ("warm_demos", "warm_drills", "warm_root_drills")):
-        # its warm-start steps would shift the RL steps' numbers (and so their tasks) in train.py
-        raise SystemExit(f"recurse.py: {run_dir} began with a warm start of its own; this reads RL runs that "
-                         "start from --init_adapter with --warm_demos 0 --warm_drills 0, as the experiment's do")
-    if not cfg["all_samples"]:
-        raise SystemExit(f"recurse.py: {run_dir} kept one rollout per task; this needs train.py --all_samples")
-    per_step = cfg["tasks_per_step"] * cfg["group_size"]
-    rollouts = read_jsonl(os.path.join(run_dir, "samples.jsonl"))[(step - 1) * per_step:step * per_step]
-    if len(rollouts) != per_step:
-        raise SystemExit(f"recurse.py: {run_dir}/samples.jsonl holds {len(rollouts)} rollouts of step {step}, "
-                         f"not {per_step}")
-    return cfg, step_tasks(cfg, step - 1, ints(cfg["lengths"])), rollouts  # step k drew step_tasks(cfg, k - 1)
-
-
-def step_advantages(cfg, tasks, rollouts):
-    """Each arm's rewards and advantages for the same rollouts of a step, as train.py computes them.
-    -> ({arm: [reward dicts]}, {arm: [A_i]})"""
-    from config import reward_settings
-    from grpo import group_advantages
-    from reward import reward_for
-
-    rewards, advantages = {}, {}
-    for arm, weights in ARMS.items():
-        reward_config = reward_settings({**cfg, **weights})
-        rewards[arm] = [reward_for(t, r, reward_config) for t, r in zip(tasks, rollouts)]
-        correct = [w["correctness"] for w in rewards[arm]] if cfg["skip_unsolved"] else None
-        advantages[arm] = [float(a) for a in group_advantages([w["reward"] for w in rewards[arm]],
-                                                              cfg["group_size"], correctness_N=correct)]
-    return rewards, advantages
-
-
-def update_push(policy, cfg, tasks, rollouts, lengths, n):
-    """push_terms for the rollouts of one RL step (step_rollouts), on n held-out tasks of each length,
-    with the advantages each arm's reward gives them. policy: the adapter that sampled them."""
-    from eval import strategy_profile
-    from grpo import token_budget_norm
-
-    rewards, advantages = step_advantages(cfg, tasks, rollouts)
-    summary, _ = push_terms(policy, rollouts, advantages, plan_prompts(policy, n, lengths),
-                            temperature=cfg["temperature"], train_calls=cfg["train_calls"],
-                            norm=token_budget_norm(len(rollouts), cfg["max_generated_tokens"]),
-                            micro_batch_tokens=cfg["micro_batch_tokens"])
-    summary["rollouts"] = [{"task": k // cfg["group_size"], "characters": len(t.context), "correct": score(t, r.answer),
-                            **{key: strategy_profile(r)[key] for key in ("sub_calls", "concurrent")},
-                            "depth": r.cost.depth, "critical_path": r.cost.critical_path_tokens,
-                            **{arm: {"reward": rewards[arm][k]["reward"], "advantage": advantages[arm][k]}
-                               for arm in ARMS}}
-                           for k, (t, r) in enumerate(zip(tasks, rollouts))]
-    return {"temperature": cfg["temperature"], "n": n, **summary}
-
-
-def replay(out_dir, run, step, preset, arm, optimizer, lr):
-    """RL step `step` of run again, from the adapter that sampled it and on the rollouts it sampled,
-    with arm's advantages, optimizer ("adamw" or "sgd") and lr; then measure_plans on the result:
-    what one real update of each kind does to the concurrent plan, exactly, without sampling again."""
-    from grpo import grpo_step
-    from lora import load_policy
-    from train import new_optimizer, update_settings
-
-    path = os.path.join(out_dir, "eval", f"{run}-step-{step}-replay-{arm}-{optimizer}-{lr:g}-plans.json")
-    if os.path.exists(path):
-        return
-    run_dir = os.path.join(out_dir, run)
-    cfg, tasks, rollouts = step_rollouts(run_dir, step)
-    _, advantages = step_advantages(cfg, tasks, rollouts)
-    policy = load_policy(cfg["model"], adapter=start_adapter(out_dir, run, step))
-    stats = grpo_step(policy, new_optimizer(policy, {**cfg, "optimizer": optimizer, "lr": lr}, "rl"), rollouts,
-                      advantages[arm], **update_settings({**cfg, "epochs": 1}), train_calls=cfg["train_calls"])
-    record = plans_of(policy, preset, preset["n_plans_steps"], cfg["temperature"])
-    write_json(path, {**record, "update": stats})
-    shares = record["shares"]
-    print(f"{path}: concurrent plan {mean([x[2] for x in shares]):.4f}, mass {mean([x[3] for x in shares]):.3f}")
-
-
-def start_adapter(out_dir, run, step):
-    """The adapter that sampled RL step `step` of run: the warm start's, or the one the step before kept."""
-    if step == 1:
-        return os.path.join(out_dir, "warm", "adapter")
-    return os.path.join(out_dir, run, "steps", f"step-{step - 1}")
-
-
-def push(out_dir, run, step, preset):
-    """update_push for one step of one run of the experiment, from the adapter that sampled it, on the
-    held-out choices that measure_plans and replay use."""
-    from lora import load_policy
-
-    run_dir, path = os.path.join(out_dir, run), os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")
-    if os.path.exists(path):
-        return
-    cfg, tasks, rollouts = step_rollouts(run_dir, step)
-    policy = load_policy(cfg["model"], adapter=start_adapter(out_dir, run, step))
-    result = {"run": run_dir, "step": step, **update_push(policy, cfg, tasks, rollouts, preset["eval_lengths"]["tally"],
-                                                          preset["n_plans_steps"])}
-    write_json(path, result, indent=1)
-    for arm, a in result["arms"].items():
-        print(f"{arm}: one update moves the concurrent plan's log-odds by {a['sgd_push_per_lr']:+.4g} x lr (SGD), "
-              f"{a['adam_push_per_lr']:+.4g} x lr (Adam's first step; reach {a['adam_reach_per_lr']:.4g} x lr)")
-    print(f"the two arms' first Adam steps move {result['same_sign_share']:.3f} of the weights the same way; {path}")
-
-
-def plan_signal(records, z=2.0, n_boot=2000, seed=0):
-    """How much of RL's push on the concurrent plan comes from the reward's cost terms, and how much is the
-    noise of which plan the right answers happened to use; and so how many groups of rollouts RL needs
-    before the first stands out of the second. records: update_push results (push JSONs).
-
-    The cost-aware arm's advantage splits exactly: A_i = A_i^acc + (A_i - A_i^acc), A_i^acc the
-    accuracy-only arm's advantage on the same rollout (its reward is the correctness; both arms zero a
-    group with no right answer). So a group's first-order push on the plan, sum_i A_i <h_i, G>, is
-      P_corr = sum_i A_i^acc <h_i, G>           (the whole push of the accuracy-only arm), plus
-      P_cost = sum_i (A_i - A_i^acc) <h_i, G>   (what cost and latency add).
-    Both programs are equally right, so P_corr has mean 0 over groups and only P_cost adds up: after k
-    groups the cost part is k mean(P_cost) and the correctness part's spread sqrt(k) sd(P_corr), which
-    the cost part exceeds z times from k = (z sd(P_corr) / mean(P_cost))^2 groups on (the same count
-    tells the two arms apart at z / sqrt(2), each arm carrying its own correctness noise).
-    -> {"groups": [{"characters", "right", "p_corr", "p_cost"}], statistics with 95% bootstrap intervals
-    over groups, "groups_needed": [estimate, low, high] (inf where the cost part's mean may be <= 0)}"""
-    groups = []
-    for rec in records:
-        by_task = {}
-        for r, h in zip(rec["rollouts"], rec["h_dot_G"]):
-            by_task.setdefault(r["task"], []).append((r, h))
-        for rows in by_task.values():
-            acc = [r["accuracy"]["advantage"] for r, _ in rows]
-            cost = [r["cost"]["advantage"] - a for (r, _), a in zip(rows, acc)]
-            groups.append({"characters": rows[0][0]["characters"], "right": sum(r["correct"] for r, _ in rows),
-                           "size": len(rows), "p_corr": sum(a * h for a, (_, h) in zip(acc, rows)),
-                           "p_cost": sum(c * h for c, (_, h) in zip(cost, rows))})
-
-    def sd(xs):
-        m = mean(xs)
-        return math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
-
-    def needed(gs):
-        m = mean([g["p_cost"] for g in gs])
-        return (z * sd([g["p_corr"] for g in gs]) / m) ** 2 if m > 0 else math.inf
-
-    stats = {"mean_p_cost": lambda gs: mean([g["p_cost"] for g in gs]),
-             "mean_p_corr": lambda gs: mean([g["p_corr"] for g in gs]),
-             "sd_p_corr": lambda gs: sd([g["p_corr"] for g in gs]), "groups_needed": needed}
-    rng = random.Random(seed)
-    draws = [[groups[rng.randrange(len(groups))] for _ in groups] for _ in range(n_boot)]
-    out = {"groups": groups, "z": z}
-    for name, stat in stats.items():
-        values = sorted(stat(d) for d in draws)
-        out[name] = [stat(groups), values[int(0.025 * n_boot)], values[int(0.975 * n_boot) - 1]]
-    return out
-
-
-def signal(out_dir, run_steps):
-    """plan_signal over the push JSONs of these (run, step) pairs -> out_dir/eval/signal.json, and a table."""
-    records = [load_json(os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")) for run, step in run_steps]
-    if any(r is None for r in records):
-        missing = [f"{run}:{step}" for (run, step), r in zip(run_steps, records) if r is None]
-        raise SystemExit(f"recurse.py: no push JSON for {', '.join(missing)}; run --push RUN --step K first")
-    result = plan_signal(records)
-    write_json(os.path.join(out_dir, "eval", "signal.json"), {"steps": run_steps, **result}, indent=1)
-    print("characters  right  correctness push  cost push   (per group, in <h, G> units)")
-    for g in result["groups"]:
-        print(f"{g['characters']:>10}  {g['right']:.0f}/{g['size']}  {g['p_corr']:>16.1f}  {g['p_cost']:>9.1f}")
-    for name in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "groups_needed"):
-        value, low, high = result[name]
-        print(f"{name}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
-
-
 # -----------------------------------------------------------------------------
 # The report: every figure with a 95% interval
 
@@ -818,25 +537,10 @@ def main(argv=None):
     parser.add_argument("--preset", default="full", choices=list(PRESETS))
     parser.add_argument("--out_dir", default=None, help="default: out/recurse-<preset>")
     parser.add_argument("--report", action="store_true", help="only write the report from what --out_dir holds")
-    parser.add_argument("--push", metavar="RUN", help="which rollouts of RUN's RL step --step push the concurrent "
-                        "plan up or down (update_push), written to out_dir/eval/RUN-step-K-push.json")
-    parser.add_argument("--replay", nargs="*", metavar="ARM:OPTIMIZER:LR", help="with --push: that step again "
-                        "with each arm's advantages, optimizer (adamw or sgd) and lr, and the plans it leaves (replay)")
-    parser.add_argument("--step", type=int, default=1, help="with --push: the RL step (1 = the first)")
-    parser.add_argument("--signal", nargs="+", metavar="RUN:STEP", help="the cost terms' push on the plan against "
-                        "the correctness noise's, per group, over these steps' push JSONs (plan_signal)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out_dir = args.out_dir or f"out/recurse-{args.preset}"
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
-    if args.signal:
-        signal(out_dir, [x.split(":") for x in args.signal])
-        return
-    if args.push:
-        push(out_dir, args.push, args.step, preset)
-        for arm, optimizer, lr in (x.split(":") for x in args.replay or []):
-            replay(out_dir, args.push, args.step, preset, arm, optimizer, float(lr))
-        return
     if not args.report:
         flags, t0 = {**COMMON, **preset["train"]}, time.time()
         for name, run in run_flags(preset).items():
