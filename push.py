@@ -263,9 +263,9 @@ def plan_signal(records, z=2.0, n_boot=2000, seed=0):
       P_corr = sum_i A_i^acc <h_i, G>           (the whole push of the accuracy-only arm), plus
       P_cost = sum_i (A_i - A_i^acc) <h_i, G>   (what cost and latency add).
     Both programs are equally right, so P_corr has mean 0 over groups and only P_cost adds up: after k
-    groups the cost part is k mean(P_cost) and the correctness part's spread sqrt(k) sd(P_corr), which
-    the cost part exceeds z times from k = (z sd(P_corr) / mean(P_cost))^2 groups on (the same count
-    tells the two arms apart at z / sqrt(2), each arm carrying its own correctness noise).
+    groups the cost-aware arm's push has mean k mean(P_cost) and spread sqrt(k) sd(P_corr + P_cost) (the
+    correctness noise, and the cost terms' own), and its mean exceeds z spreads from
+    k = (z sd(P_corr + P_cost) / mean(P_cost))^2 groups on.
     -> {"groups": [{"characters", "right", "p_corr", "p_cost"}], statistics with 95% bootstrap intervals
     over groups, "groups_needed": [estimate, low, high] (inf where the cost part's mean may be <= 0)}"""
     groups = []
@@ -286,11 +286,12 @@ def plan_signal(records, z=2.0, n_boot=2000, seed=0):
 
     def needed(gs):
         m = mean([g["p_cost"] for g in gs])
-        return (z * sd([g["p_corr"] for g in gs]) / m) ** 2 if m > 0 else math.inf
+        return (z * sd([g["p_corr"] + g["p_cost"] for g in gs]) / m) ** 2 if m > 0 else math.inf
 
     stats = {"mean_p_cost": lambda gs: mean([g["p_cost"] for g in gs]),
              "mean_p_corr": lambda gs: mean([g["p_corr"] for g in gs]),
-             "sd_p_corr": lambda gs: sd([g["p_corr"] for g in gs]), "groups_needed": needed}
+             "sd_p_corr": lambda gs: sd([g["p_corr"] for g in gs]),
+             "sd_p_total": lambda gs: sd([g["p_corr"] + g["p_cost"] for g in gs]), "groups_needed": needed}
     rng = random.Random(seed)
     draws = [[groups[rng.randrange(len(groups))] for _ in groups] for _ in range(n_boot)]
     out = {"groups": groups, "z": z}
@@ -311,7 +312,7 @@ def signal(out_dir, run_steps):
     print("characters  right  correctness push  cost push   (per group, in <h, G> units)")
     for g in result["groups"]:
         print(f"{g['characters']:>10}  {g['right']:.0f}/{g['size']}  {g['p_corr']:>16.1f}  {g['p_cost']:>9.1f}")
-    for name in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "groups_needed"):
+    for name in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "sd_p_total", "groups_needed"):
         value, low, high = result[name]
         print(f"{name}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
 
