@@ -301,20 +301,32 @@ def plan_signal(records, z=2.0, n_boot=2000, seed=0):
     return out
 
 
-def signal(out_dir, run_steps):
-    """plan_signal over the push JSONs of these (run, step) pairs -> out_dir/eval/signal.json, and a table."""
+def signal(out_dir, run_steps, **budgets):
+    """plan_signal over the push JSONs of these (run, step) pairs -> out_dir/eval/signal[-budgets].json, and
+    a table. budgets (cost_budget, latency_budget): score the same rollouts under other reward budgets, as
+    if the runs had used them (the advantages change, each rollout's <h, G> does not)."""
     records = [load_json(os.path.join(out_dir, "eval", f"{run}-step-{step}-push.json")) for run, step in run_steps]
     if any(r is None for r in records):
         missing = [f"{run}:{step}" for (run, step), r in zip(run_steps, records) if r is None]
         raise SystemExit(f"push.py: no push JSON for {', '.join(missing)}; run push.py --run RUN --step K first")
+    budgets = {k: v for k, v in budgets.items() if v is not None}
+    for (run, step), record in zip(run_steps, records):
+        if budgets:
+            cfg, tasks, rollouts = step_rollouts(os.path.join(out_dir, run), int(step))
+            _, advantages = step_advantages({**cfg, **budgets}, tasks, rollouts)
+            for i, r in enumerate(record["rollouts"]):
+                for arm in ARMS:
+                    r[arm]["advantage"] = advantages[arm][i]
     result = plan_signal(records)
-    write_json(os.path.join(out_dir, "eval", "signal.json"), {"steps": run_steps, **result}, indent=1)
+    name = "signal" + "".join(f"-{k}-{v:g}" for k, v in sorted(budgets.items())) + ".json"
+    write_json(os.path.join(out_dir, "eval", name), {"steps": run_steps, "budgets": budgets, **result}, indent=1)
     print("characters  right  correctness push  cost push   (per group, in <h, G> units)")
     for g in result["groups"]:
         print(f"{g['characters']:>10}  {g['right']:.0f}/{g['size']}  {g['p_corr']:>16.1f}  {g['p_cost']:>9.1f}")
-    for name in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "sd_p_total", "groups_needed"):
-        value, low, high = result[name]
-        print(f"{name}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
+    for stat in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "sd_p_total", "groups_needed"):
+        value, low, high = result[stat]
+        print(f"{stat}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
+    print(f"-> {os.path.join(out_dir, 'eval', name)}")
 
 
 def main(argv=None):
@@ -328,6 +340,8 @@ def main(argv=None):
                         "with each arm's advantages, optimizer (adamw or sgd) and lr, and the plans it leaves (replay)")
     parser.add_argument("--signal", nargs="+", metavar="RUN:STEP", help="the cost terms' push on the plan against "
                         "the correctness noise's, per group, over these steps' push JSONs (plan_signal)")
+    parser.add_argument("--latency_budget", type=float, help="with --signal: rescore the rollouts with this budget")
+    parser.add_argument("--cost_budget", type=float, help="with --signal: rescore the rollouts with this budget")
     args = parser.parse_args(argv)
     if not (args.run or args.signal):
         parser.error("say what to measure: --run RUN [--step K] [--replay ...], or --signal RUN:STEP ...")
@@ -339,7 +353,8 @@ def main(argv=None):
         for arm, optimizer, lr in (x.split(":") for x in args.replay or []):
             replay(out_dir, args.run, args.step, preset, arm, optimizer, float(lr))
     if args.signal:
-        signal(out_dir, [x.split(":") for x in args.signal])
+        signal(out_dir, [x.split(":") for x in args.signal], latency_budget=args.latency_budget,
+               cost_budget=args.cost_budget)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,11 @@ def test_push_and_replay_rebuild_the_step_a_run_took(tiny_model_dir, tmp_path):
     [group] = json.load(open(os.path.join(out, "eval", "signal.json")))["groups"]
     parts = [r["cost"]["advantage"] * h for r, h in zip(record["rollouts"], record["h_dot_G"])]
     assert group["p_corr"] == 0 and group["p_cost"] == pytest.approx(sum(parts), abs=1e-9 * sum(map(abs, parts)))
+    # rescored from the run's rollouts under the run's own budgets: the same split as from the push JSON
+    own = recurse.BUDGETS["latency_budget"]
+    push.main(["--preset", "short", "--out_dir", out, "--signal", "cost-s0:1", "--latency_budget", str(own)])
+    [again] = json.load(open(os.path.join(out, "eval", f"signal-latency_budget-{own:g}.json")))["groups"]
+    assert again["p_cost"] == pytest.approx(group["p_cost"], abs=1e-9 * sum(map(abs, parts)))
 
 
 def _push_record(groups):
