@@ -77,12 +77,15 @@ LIMITS = TALLY_LIMITS  # why tally needs depth (see the docstring)
 ROLLOUTS = dict(max_depth=2, max_turns=2, max_new_tokens=256, max_sub_calls=24, max_generated_tokens=4096, **LIMITS)
 ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays for answers, charges for both
         "accuracy": dict(cost_weight=0.0, latency_weight=0.0)}  # the same RL, correctness only
-# The reward's budgets at the scale of these rollouts (a tally rollout's critical path is 130-710 tokens,
-# far below the 4,096 it may generate; the latency budget is about a sync rollout's at 3,000 characters).
-# By the teacher's critical paths (README), a sync rollout at 3,000 and 6,000 characters then loses about
-# 0.39 and 0.5 of a reward of 1 to latency and an async one about 0.22 at both: concurrency is worth
-# about 0.17 and 0.28, where a latency budget of 1,024 made it 0.09 and 0.24.
-BUDGETS = dict(cost_budget=4096, latency_budget=512)
+# The reward's budgets at the scale of these rollouts (a tally rollout's critical path is 210-1,180 tokens,
+# far below the 4,096 it may generate). The latency budget is the habit's critical path at the longest
+# length, so that no rollout the habit writes reaches the clip, where the penalty stops growing. The
+# teacher's one program (about 225 tokens a call) takes 668 and 1,147 tokens one call after another at
+# 3,000 and 6,000 characters, 416 and 417 at once (10 held-out tasks a length; README): under this budget
+# concurrency is worth 0.105 and 0.30 of a reward of 1 there. The budget of 512 that runs one to five used
+# was sized on an older program's paths; every two-level rollout of the policy clipped it, and
+# concurrency was worth about 0.09 at both lengths.
+BUDGETS = dict(cost_budget=4096, latency_budget=1200)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
               temperature=0.7, **ROLLOUTS, **BUDGETS)
 # RL samples at 0.7 so that the warm start's minority strategies come up in a group, and steps with plain
