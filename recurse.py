@@ -83,7 +83,7 @@ ARMS = {"cost": dict(cost_weight=0.2, latency_weight=0.5),   # cost-aware: pays 
 # teacher's one program (about 225 tokens a call) takes 668 and 1,147 tokens one call after another at
 # 3,000 and 6,000 characters, 416 and 417 at once (10 held-out tasks a length; README): under this budget
 # concurrency is worth 0.105 and 0.30 of a reward of 1 there. The budget of 512 that runs one to five used
-# was sized on an older program's paths; every two-level rollout of the policy clipped it, and
+# was sized on an older program's paths; every sequential two-level rollout clipped it, and
 # concurrency was worth about 0.09 at both lengths.
 BUDGETS = dict(cost_budget=4096, latency_budget=1200)
 COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_every=1, lengths="1200,3000,6000",
