@@ -32,7 +32,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import random
 
-from recurse import (ARMS, PRESETS, load_json, mean, plan_preference, plan_prompts, plans_of, reply_logprobs,
+from recurse import (ARMS, PRESETS, ROLLOUTS, load_json, mean, plan_preference, plan_prompts, plans_of, reply_logprobs,
                      write_json)
 from tasks import score
 
@@ -301,6 +301,25 @@ def plan_signal(records, z=2.0, n_boot=2000, seed=0):
     return out
 
 
+def projection(result, train, lr=None, target=4.0, measured_group_size=6):
+    """What plan_signal's per-group figures predict, to first order, for a whole RL run of one training seed
+    with train.py settings `train` (a preset's "train"): the cost terms' expected push on the plan's log-odds
+    over the run, its spread, and the lr at which the expected push is `target` nats (4: from the warm
+    start's 0.15 of the odds to about 0.9). A step's SGD move is lr * sum over its groups / (N * T), N its
+    rollouts and T max_generated_tokens (the Dr. GRPO norm); tally is 1/len(families) of the groups; a
+    group's push is a sum over its rollouts, so its mean and variance scale with the group size.
+    Assumes the policy stays near the one measured (first order): a guide to sizing, not a forecast."""
+    steps, size = train["steps"], train["group_size"]
+    groups = train["tasks_per_step"] / len(train["families"].split(","))  # tally groups a step
+    scale, norm = size / measured_group_size, train["tasks_per_step"] * size * ROLLOUTS["max_generated_tokens"]
+    mean_per_lr = steps * groups * result["mean_p_cost"][0] * scale / norm
+    sd_per_lr = math.sqrt(steps * groups * scale) * result["sd_p_total"][0] / norm
+    lr = train["lr"] if lr is None else lr
+    return {"tally_groups": steps * groups, "lr": lr, "mean": lr * mean_per_lr, "sd": lr * sd_per_lr,
+            "z": mean_per_lr / sd_per_lr if sd_per_lr else math.inf, "lr_for_target": target / mean_per_lr,
+            "target": target}
+
+
 def signal(out_dir, run_steps, **budgets):
     """plan_signal over the push JSONs of these (run, step) pairs -> out_dir/eval/signal[-budgets].json, and
     a table. budgets (cost_budget, latency_budget): score the same rollouts under other reward budgets, as
@@ -326,6 +345,11 @@ def signal(out_dir, run_steps, **budgets):
     for stat in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "sd_p_total", "groups_needed"):
         value, low, high = result[stat]
         print(f"{stat}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
+    for preset_name, preset in PRESETS.items():
+        p = projection(result, preset["train"])
+        print(f"preset {preset_name}: {p['tally_groups']:.0f} tally groups a training seed; at lr {p['lr']:g} the cost "
+              f"terms push the plan {p['mean']:+.2f} +- {p['sd']:.2f} nats over the run (first order; {p['z']:.2f} "
+              f"spreads, whatever the lr); {p['target']:g} nats at lr {p['lr_for_target']:.0f}")
     print(f"-> {os.path.join(out_dir, 'eval', name)}")
 
 

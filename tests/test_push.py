@@ -197,3 +197,18 @@ def test_plan_signal_needs_infinitely_many_groups_when_cost_pushes_the_wrong_way
     g = [(1.0, 0.3, 2.0), (1.0, 0.1, -1.0), (0.0, 0.1, -1.0)]  # the concurrent rollout is the dearer one
     s = push.plan_signal([_push_record([g])], n_boot=20)
     assert s["groups"][0]["p_cost"] < 0 and s["groups_needed"][0] == math.inf
+
+
+def test_projection_pushes_the_target_at_its_lr_and_gains_spreads_with_more_groups():
+    result = {"mean_p_cost": [15.0, 0, 0], "sd_p_total": [90.0, 0, 0]}
+    train = dict(steps=8, tasks_per_step=3, group_size=6, families="tally", lr=1400)
+    p = push.projection(result, train)
+    # by hand: 8 steps x 3 groups x 15 / (18 rollouts x 4,096 tokens) per unit of lr
+    assert p["mean"] == pytest.approx(1400 * 8 * 3 * 15 / (18 * 4096), rel=1e-12)
+    assert push.projection(result, train, lr=p["lr_for_target"])["mean"] == pytest.approx(p["target"], rel=1e-12)
+    longer = push.projection(result, {**train, "steps": 32})  # 4x the groups: twice the spreads
+    assert longer["z"] == pytest.approx(2 * p["z"], rel=1e-12)
+    # three families: a third of the groups are tally; groups of 8 carry 8/6 of a group of 6's push
+    mixed = push.projection(result, {**train, "families": "tally,niah,multihop", "group_size": 8})
+    assert mixed["tally_groups"] == pytest.approx(8) and mixed["mean"] == pytest.approx(
+        1400 * 8 * 1 * 15 * (8 / 6) / (24 * 4096), rel=1e-12)
