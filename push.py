@@ -12,9 +12,11 @@ update is a sum over rollouts, so the move is a sum of one part per rollout (pus
         # from them moves it, per arm, with SGD and with Adam's first step -> eval/cost-s0-step-1-push.json
     python push.py --preset short --run cost-s0 --replay cost:sgd:1400 accuracy:adamw:3e-5
         # ... and that step again, for real, with each arm, optimizer and lr -> eval/*-replay-*-plans.json
-    python push.py --preset short --signal cost-s0:1 cost-s0:2
+    python push.py --preset short --signal cost-s0:1 cost-s0:2 [--latency_budget 1200]
         # the cost terms' push against the noise of which plan the right answers used, per group of
-        # rollouts, and how many groups the cost terms need to stand out (plan_signal) -> eval/signal.json
+        # rollouts (plan_signal; the rollouts rescored under other reward budgets if given), how many
+        # groups the cost terms need to stand out, and what that predicts for each preset's run and lr
+        # (projection) -> eval/signal[-latency_budget-1200].json
 
 The runs must keep every rollout (train.py --all_samples, which recurse.py's RL runs set) and start
 from out_dir/warm/adapter; a step after the first needs the adapter the step before kept
