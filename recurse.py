@@ -45,10 +45,10 @@ The steps, each skipped when its output is already there (so a stopped run goes 
 
 Every rollout runs under per-call limits (rlm.RLM's max_call_sub_calls=4, max_prompt_chars=800),
 stated in the system prompt: one level of calls covers about 24 notes of tally, so its longer
-inputs need a child RLM per part. On CPU, RL trains the rows of the RLM calls, root and children
+inputs need a child RLM per part. RL trains the rows of the RLM calls, root and children
 (--train_calls rlm), whose code chooses how to call: the plain completions' prompts are most of a
-step's tokens, and the sub-model's skill (labelling notes) comes from the warm start's drills; the
-GPU preset trains every call.
+step's tokens, and the sub-model's skill (labelling notes) comes from the warm start's drills. Each
+preset's lr is sized from the measured push of the cost terms on the plan (push.py, projection).
 """
 
 import argparse
@@ -92,12 +92,14 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # SGD (train.py --optimizer sgd). A fresh Adam's first update moves every weight by about lr in the sign
 # of its gradient: the two arms take the same step wherever their gradients share signs (the fourth run
 # in the README: both arms' concurrent plan 0.07 -> 0.001, alike to three decimals), and the step is
-# spread over all 4.9M LoRA weights. SGD's step is the gradient, in proportion to the advantages. lr 1400
-# gives the step the length of Adam's first step at 3e-5 (3e-5 * sqrt(4.9M) / a gradient norm of about
-# 4.7e-5); at that length, on the same rollouts, SGD moved the concurrent plan's log-odds by +0.79 and
-# Adam by +0.19 (README, fifth run; push.py). The GPU preset's 1400 is the CPU's,
-# uncalibrated there. On CPU RL trains the root's and the child RLMs' rows (train_calls rlm): they
-# write the code that chooses between sequential and concurrent sub-calls, while the plain
+# spread over all 4.9M LoRA weights. SGD's step is the gradient, in proportion to the advantages (the
+# fifth run; push.py). Each preset's lr is the one at which, to first order, the cost terms push the
+# concurrent plan's log-odds 4 nats over the run (from the warm start's 0.15 of the odds to about 0.9):
+# push.projection of the per-group pushes measured on 15 groups of the short preset's warm start
+# (README, "Sixth look"; `python push.py --signal ... --latency_budget 1200`). The lr sets how far the
+# plan moves, not how clearly: the correctness noise moves with it, and only more groups beat it.
+# RL trains the root's and the child RLMs' rows (train_calls rlm), on GPU too, where the lr was measured:
+# they write the code that chooses between sequential and concurrent sub-calls, while the plain
 # completions' rows (most of a step's tokens) teach labelling, which the warm start's drills teach
 # for less (see the README's "Does RL learn to recurse?").
 # The warm start's last stage: the habit demonstrations again, every batch holding the habit mix
@@ -121,20 +123,20 @@ ROOTS = dict(warm_demos=10, warm_drills=80, warm_root_drills=80, warm_epochs=1, 
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=8,
-                             tasks_per_step=3, group_size=6, optimizer="sgd", lr=1400,
+                             tasks_per_step=3, group_size=6, optimizer="sgd", lr=900,
                              train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10, n_plans_steps=4,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
-                            steps=8, tasks_per_step=3, group_size=6, optimizer="sgd", lr=1400,
+                            steps=8, tasks_per_step=3, group_size=6, optimizer="sgd", lr=2600,
                             train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30, n_plans_steps=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
-                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, optimizer="sgd", lr=1400,
-                           train_calls="all",
+                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, optimizer="sgd", lr=350,
+                           train_calls="rlm",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
                 seeds=(0, 1, 2), n_sampled=32, n_greedy=16, n_direct=30, n_plans=50, n_plans_steps=20,
