@@ -339,16 +339,17 @@ def signal(out_dir, run_steps, **budgets):
                 for arm in ARMS:
                     r[arm]["advantage"] = advantages[arm][i]
     result = plan_signal(records)
+    projections = {preset_name: projection(result, preset["train"]) for preset_name, preset in PRESETS.items()}
     name = "signal" + "".join(f"-{k}-{v:g}" for k, v in sorted(budgets.items())) + ".json"
-    write_json(os.path.join(out_dir, "eval", name), {"steps": run_steps, "budgets": budgets, **result}, indent=1)
+    write_json(os.path.join(out_dir, "eval", name), {"steps": run_steps, "budgets": budgets, **result,
+                                                     "projections": projections}, indent=1)
     print("characters  right  correctness push  cost push   (per group, in <h, G> units)")
     for g in result["groups"]:
         print(f"{g['characters']:>10}  {g['right']:.0f}/{g['size']}  {g['p_corr']:>16.1f}  {g['p_cost']:>9.1f}")
     for stat in ("mean_p_cost", "mean_p_corr", "sd_p_corr", "sd_p_total", "groups_needed"):
         value, low, high = result[stat]
         print(f"{stat}: {value:.4g} (95% {low:.4g} to {high:.4g}) over {len(result['groups'])} groups")
-    for preset_name, preset in PRESETS.items():
-        p = projection(result, preset["train"])
+    for preset_name, p in projections.items():
         print(f"preset {preset_name}: {p['tally_groups']:.0f} tally groups a training seed; at lr {p['lr']:g} the cost "
               f"terms push the plan {p['mean']:+.2f} +- {p['sd']:.2f} nats over the run (first order; {p['z']:.2f} "
               f"spreads, whatever the lr); {p['target']:g} nats at lr {p['lr_for_target']:.0f}")
