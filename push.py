@@ -303,7 +303,7 @@ def plan_signal(records, z=2.0, n_boot=2000, seed=0):
     return out
 
 
-def projection(result, train, lr=None, target=4.0, measured_group_size=6):
+def projection(result, train, lr=None, target=4.0):
     """What plan_signal's per-group figures predict, to first order, for a whole RL run of one training seed
     with train.py settings `train` (a preset's "train"): the cost terms' expected push on the plan's log-odds
     over the run, its spread, and the lr at which the expected push is `target` nats (4: from the warm
@@ -313,13 +313,14 @@ def projection(result, train, lr=None, target=4.0, measured_group_size=6):
     Assumes the policy stays near the one measured (first order): a guide to sizing, not a forecast."""
     steps, size = train["steps"], train["group_size"]
     groups = train["tasks_per_step"] / len(train["families"].split(","))  # tally groups a step
-    scale, norm = size / measured_group_size, train["tasks_per_step"] * size * ROLLOUTS["max_generated_tokens"]
+    measured = mean([g["size"] for g in result["groups"]])  # the group size the figures were measured at
+    scale, norm = size / measured, train["tasks_per_step"] * size * ROLLOUTS["max_generated_tokens"]
     mean_per_lr = steps * groups * result["mean_p_cost"][0] * scale / norm
     sd_per_lr = math.sqrt(steps * groups * scale) * result["sd_p_total"][0] / norm
     lr = train["lr"] if lr is None else lr
     return {"tally_groups": steps * groups, "lr": lr, "mean": lr * mean_per_lr, "sd": lr * sd_per_lr,
-            "z": mean_per_lr / sd_per_lr if sd_per_lr else math.inf, "lr_for_target": target / mean_per_lr,
-            "target": target}
+            "z": mean_per_lr / sd_per_lr if sd_per_lr else math.inf, "target": target,
+            "lr_for_target": target / mean_per_lr if mean_per_lr > 0 else math.inf}  # no lr, if cost pushes down
 
 
 def signal(out_dir, run_steps, **budgets):

@@ -200,7 +200,7 @@ def test_plan_signal_needs_infinitely_many_groups_when_cost_pushes_the_wrong_way
 
 
 def test_projection_pushes_the_target_at_its_lr_and_gains_spreads_with_more_groups():
-    result = {"mean_p_cost": [15.0, 0, 0], "sd_p_total": [90.0, 0, 0]}
+    result = {"mean_p_cost": [15.0, 0, 0], "sd_p_total": [90.0, 0, 0], "groups": [{"size": 6}] * 4}
     train = dict(steps=8, tasks_per_step=3, group_size=6, families="tally", lr=1400)
     p = push.projection(result, train)
     # by hand: 8 steps x 3 groups x 15 / (18 rollouts x 4,096 tokens) per unit of lr
@@ -212,3 +212,4 @@ def test_projection_pushes_the_target_at_its_lr_and_gains_spreads_with_more_grou
     mixed = push.projection(result, {**train, "families": "tally,niah,multihop", "group_size": 8})
     assert mixed["tally_groups"] == pytest.approx(8) and mixed["mean"] == pytest.approx(
         1400 * 8 * 1 * 15 * (8 / 6) / (24 * 4096), rel=1e-12)
+    assert push.projection({**result, "mean_p_cost": [-1.0, 0, 0]}, train)["lr_for_target"] == math.inf
