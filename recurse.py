@@ -95,7 +95,7 @@ COMMON = dict(warm_strategies="habits", curriculum=False, eval_n=0, checkpoint_e
 # spread over all 4.9M LoRA weights. SGD's step is the gradient, in proportion to the advantages (the
 # fifth run; push.py). Each preset's lr is the one at which, to first order, the cost terms push the
 # concurrent plan's log-odds 4 nats over the run (from the warm start's 0.15 of the odds to about 0.9):
-# push.projection of the per-group pushes measured on 15 groups of the short preset's warm start
+# push.projection of the per-group pushes measured on 21 groups of the short preset's warm start
 # (README, "Sixth look"; `python push.py --signal ... --latency_budget 1200`). The lr sets how far the
 # plan moves, not how clearly: the correctness noise moves with it, and only more groups beat it.
 # RL trains the root's and the child RLMs' rows (train_calls rlm), on GPU too, where the lr was measured:
@@ -123,19 +123,19 @@ ROOTS = dict(warm_demos=10, warm_drills=80, warm_root_drills=80, warm_epochs=1, 
 PRESETS = {
     # tally alone: its lengths are 1, 2 and 3 parts of 24 notes (one level, then a second one).
     "short": dict(train=dict(families="tally", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3, steps=8,
-                             tasks_per_step=3, group_size=6, optimizer="sgd", lr=900,
+                             tasks_per_step=3, group_size=6, optimizer="sgd", lr=1000,
                              train_calls="rlm"),
                   drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                   seeds=(0,), n_sampled=8, n_greedy=3, n_direct=5, n_plans=10, n_plans_steps=4,
                   eval_lengths={"tally": (1200, 3000, 6000)}),
     "full": dict(train=dict(families="tally,niah,multihop", warm_demos=20, warm_lengths="1200,3000", warm_epochs=3,
-                            steps=8, tasks_per_step=3, group_size=6, optimizer="sgd", lr=2600,
+                            steps=8, tasks_per_step=3, group_size=6, optimizer="sgd", lr=2900,
                             train_calls="rlm"),
                  drills=dict(warm_drills=120, warm_epochs=1, warm_batch=8, warm_lr=5e-4),
                  seeds=(0, 1), n_sampled=15, n_greedy=8, n_direct=10, n_plans=30, n_plans_steps=10,
                  eval_lengths={"tally": (1200, 3000, 6000), "niah": (3000,), "multihop": (3000,)}),
     "gpu": dict(train=dict(families="tally,niah,multihop", warm_demos=40, warm_lengths="1200,3000,6000",
-                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, optimizer="sgd", lr=350,
+                           warm_epochs=3, steps=60, tasks_per_step=16, group_size=8, optimizer="sgd", lr=400,
                            train_calls="rlm",
                            micro_batch_tokens=32768, warm_batch=8, checkpoint_every=10),
                 drills=dict(warm_drills=1000, warm_epochs=1, warm_batch=32, warm_lr=5e-4),
