@@ -26,7 +26,6 @@ weight by about lr, can do to the plan (README, third and fourth runs).
 
 import argparse
 import inspect
-import json
 import math
 import os
 
@@ -62,9 +61,7 @@ def sign_noise_mass(adapter, preset, lrs, n, temperature, path, seed=0):
         perturb_by_sign(policy, lr, seed)
         rows = plan_prompts(policy, n, preset["eval_lengths"]["tally"])
         masses[str(lr)] = mean([mass for *_, mass in plan_preference(policy, rows, temperature)])
-    with open(path + ".tmp", "w") as f:
-        json.dump({"temperature": temperature, "n": n, "seed": seed, "mass": masses}, f)
-    os.replace(path + ".tmp", path)
+    write_json(path, {"temperature": temperature, "n": n, "seed": seed, "mass": masses})
     return masses
 
 
@@ -332,8 +329,8 @@ def signal(out_dir, run_steps, **budgets):
         missing = [f"{run}:{step}" for (run, step), r in zip(run_steps, records) if r is None]
         raise SystemExit(f"push.py: no push JSON for {', '.join(missing)}; run push.py --run RUN --step K first")
     budgets = {k: v for k, v in budgets.items() if v is not None}
-    for (run, step), record in zip(run_steps, records):
-        if budgets:
+    if budgets:  # the same rollouts, each arm's advantages again under the other budgets
+        for (run, step), record in zip(run_steps, records):
             cfg, tasks, rollouts = step_rollouts(os.path.join(out_dir, run), int(step))
             _, advantages = step_advantages({**cfg, **budgets}, tasks, rollouts)
             for i, r in enumerate(record["rollouts"]):
